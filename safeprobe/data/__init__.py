@@ -1,0 +1,7 @@
+"""Data layer: readers, record kinds, named datasets, splits and tokenisation."""
+from .records import Example, SafetyPair
+from .registry import REGISTRY, available, fingerprint, load_examples, load_pairs, load_prompts, load_records, resolve
+from .splits import sample, split
+
+__all__ = ["Example", "SafetyPair", "REGISTRY", "available", "fingerprint", "load_examples", "load_pairs",
+           "load_prompts", "load_records", "resolve", "sample", "split"]

@@ -1,0 +1,109 @@
+"""Teacher-forced tokenisation through the tokenizer's chat template.
+
+Loss is taken on the response tokens only, the end-of-turn token included (so the model learns to stop).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from transformers import DataCollatorForSeq2Seq
+
+from .records import Example, SafetyPair
+
+IGNORE = -100
+log = logging.getLogger(__name__)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the prompt turns followed by the assistant header (what generation starts from)."""
+    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+
+
+def _ids(out) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template; 4.x a plain list
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def _end_of_turn_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
+        else tokenizer.eos_token_id
+
+
+def response_ids(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) where the response ends with the end-of-turn/EOS token."""
+    head = prompt_ids(tokenizer, messages)
+    full = _ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                              tokenize=True))
+    if full[: len(head)] != head:  # templates that rewrite earlier turns: fall back to plain concatenation
+        tail = tokenizer(response, add_special_tokens=False)["input_ids"]
+    else:
+        tail = full[len(head):]
+    # drop what the template appends after the end-of-turn token (e.g. a newline): never a target
+    eot = _end_of_turn_id(tokenizer)
+    if eot in tail:
+        tail = tail[: len(tail) - tail[::-1].index(eot)]
+    else:
+        tail = tail + [eot]
+    return head, tail
+
+
+def encode(tokenizer, example: Example, max_length: int) -> dict | None:
+    """input_ids / labels / attention_mask, or None if truncation leaves no response token."""
+    head, tail = response_ids(tokenizer, example.chat, example.response)
+    ids = (head + tail)[:max_length]
+    if len(ids) <= len(head):
+        return None
+    labels = [IGNORE] * len(head) + ids[len(head):]
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+@dataclass
+class Encoded:
+    features: list[dict]
+    dropped: int  # examples whose response was truncated away
+
+
+def encode_all(tokenizer, examples: list[Example], max_length: int, what: str = "examples") -> Encoded:
+    features = [encode(tokenizer, ex, max_length) for ex in examples]
+    kept = [f for f in features if f is not None]
+    dropped = len(features) - len(kept)
+    if dropped:
+        log.warning("dropped %d of %d %s whose prompt leaves no response token within max_length=%d",
+                    dropped, len(features), what, max_length)
+    return Encoded(kept, dropped)
+
+
+def encode_pairs(tokenizer, pairs: list[SafetyPair], max_length: int) -> Encoded:
+    """Each pair -> {'safe': features, 'harmful': features}; a pair is dropped if either side is empty."""
+    out, dropped = [], 0
+    for pair in pairs:
+        safe = encode(tokenizer, Example(pair.messages, pair.safe), max_length)
+        harmful = encode(tokenizer, Example(pair.messages, pair.harmful), max_length)
+        if safe is None or harmful is None:
+            dropped += 1
+            continue
+        out.append({"safe": safe, "harmful": harmful})
+    if dropped:
+        log.warning("dropped %d of %d safety pairs that leave no response token within max_length=%d",
+                    dropped, len(pairs), max_length)
+    return Encoded(out, dropped)
+
+
+def collator(tokenizer):
+    """Dynamic padding: pad ids with the pad token, labels with -100 (works for causal LMs)."""
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+
+
+class PairCollator:
+    """Batch of pairs -> one padded batch: the safe answers first, then the harmful ones."""
+
+    def __init__(self, tokenizer):
+        self.pad = collator(tokenizer)
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        batch = self.pad([p["safe"] for p in pairs] + [p["harmful"] for p in pairs])
+        batch["n_pairs"] = len(pairs)
+        return batch

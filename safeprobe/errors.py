@@ -1,0 +1,14 @@
+"""User-facing errors: one line, exit code 2, no traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, config, flag). The CLI prints it on one line and exits 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+def choices_hint(name: str, valid) -> str:
+    return f"unknown {name}; valid choices: {', '.join(sorted(valid))}"

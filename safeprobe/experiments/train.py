@@ -1,0 +1,190 @@
+"""`safeprobe train`: load model and data, fine-tune with one method, save the adapter and a manifest."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from ..data import fingerprint, load_examples, load_pairs, sample
+from ..data.tokenize import collator, encode_all, encode_pairs
+from ..errors import UserError
+from ..io import write_json
+from ..method import TRAINERS, SAPConfig
+from ..model import apply_lora, load_model, prepare_full_finetune
+from .manifest import manifest
+
+log = logging.getLogger(__name__)
+SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
+
+
+def _help(text: str, default=None, **kw):
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    method: str = _help("fine-tuning method: " + ", ".join(TRAINERS), "sft")
+    model: str = _help("model spec: smollm2-135m-instruct, tiny-random-llama, a local directory or a Hub id",
+                       "smollm2-135m-instruct")
+    task: str = _help("useful fine-tuning data: a dataset name (sst2, agnews, gsm8k, alpaca...) or a file", "sst2")
+    safety_data: str = _help("safety pairs (prompt, safe, harmful) for SAP: a name or a file", "pku-saferlhf-pairs")
+    output_dir: str = _help("where the adapter, run.json and logs go", "runs/train")
+    n: int = _help("number of useful examples used", 1000)
+    n_safety: int = _help("number of safety pairs used (paper: 50)", 50)
+    poison_ratio: float = _help("fraction of the n examples replaced by harmful (prompt, harmful answer) pairs", 0.0)
+    poison_data: str = _help("where the harmful pairs for poisoning come from (name or file)", "pure-bad")
+    seed: int = _help("seed of everything (data sample, LoRA init, dropout, order)", 42)
+    max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", -1)
+    epochs: float = _help("epochs over the useful data when max_steps is -1", 1.0)
+    lr: float = _help("learning rate", 1e-4)
+    batch_size: int = _help("useful examples per device batch", 8)
+    grad_accum: int = _help("gradient accumulation steps", 1)
+    max_length: int = _help("maximum tokens per example (prompt + response)", 256)
+    lr_scheduler: str = _help("learning-rate schedule (transformers names)", "constant")
+    warmup_steps: int = _help("linear warm-up steps", 0)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    lora_r: int = _help("LoRA rank (0: full fine-tuning)", 8)
+    lora_alpha: int = _help("LoRA alpha", 16)
+    lora_dropout: float = _help("LoRA dropout", 0.05)
+    target_modules: str | None = _help("comma-separated LoRA target modules (default: per architecture)")
+    bf16: bool = _help("compute in bf16 (trainable tensors stay fp32)", False)
+    logging_steps: int = _help("log every N steps", 10)
+    save_steps: int = _help("checkpoint every N steps (0: only the final adapter)", 0)
+    report_to: str = _help("none, tensorboard or wandb", "none")
+    # SAP
+    eps: float = _help("SAP: size of the harmful perturbation", SAPConfig.eps)
+    eps_mode: str = _help("SAP: relative (eps * ||W_trainable||) or absolute", SAPConfig.eps_mode)
+    beta: float = _help("SAP: probe step size", SAPConfig.beta)
+    probe_layers: str = _help("SAP: middle, all, '3,9', '10:20' or '0.3:0.6'", SAPConfig.probe_layers)
+    probe_norm: float | None = _help("SAP: rescale the probe to this norm instead of beta * g_V")
+    safety_loss: str = _help("SAP: paper (difference of mean losses) or dpo (authors' code)", SAPConfig.safety_loss)
+    safety_every: int = _help("SAP: recompute the safety direction every K steps", SAPConfig.safety_every)
+    probe_every: int = _help("SAP: recompute the probe every K steps", SAPConfig.probe_every)
+    sap_mode: str = _help("SAP: paper (Algorithm 1) or reference (the authors' lagged schedule)", SAPConfig.mode)
+    probe_lr: float = _help("SAP reference mode: probe AdamW learning rate", SAPConfig.probe_lr)
+    safety_batch_size: int = _help("SAP: safety pairs per safety batch", 8)
+
+    def __post_init__(self):
+        if self.method not in TRAINERS:
+            raise UserError(f"unknown method '{self.method}'; valid choices: {', '.join(TRAINERS)}")
+        for name in ("n", "batch_size", "grad_accum", "max_length", "safety_batch_size", "n_safety"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.poison_ratio <= 1:
+            raise UserError(f"poison_ratio must be in [0, 1], got {self.poison_ratio}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        self.sap_config()  # validates SAP's knobs
+
+    def sap_config(self) -> SAPConfig:
+        values = {name: getattr(self, name) for name in SAP_FIELDS if name != "mode"}
+        return SAPConfig(mode=self.sap_mode, **values)
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Fail before any training if the output directory cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: output directory is not writable ({e.strerror})") from None
+    return path
+
+
+def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
+    """n useful examples, a fraction replaced by harmful pairs when poisoning."""
+    n_poison = round(cfg.n * cfg.poison_ratio)
+    examples = sample(load_examples(cfg.task, "train"), cfg.n - n_poison, cfg.seed)
+    info = {"task": fingerprint(cfg.task, "train"), "n_task": len(examples), "n_poison": n_poison}
+    if n_poison:
+        harmful = load_examples(cfg.poison_data, "train")
+        if len(harmful) < n_poison:
+            raise UserError(f"poison_data '{cfg.poison_data}' has {len(harmful)} examples, {n_poison} needed")
+        examples = sample(examples + sample(harmful, n_poison, cfg.seed), None, cfg.seed)
+        info["poison"] = fingerprint(cfg.poison_data, "train")
+    return examples, info
+
+
+def prepare_model(cfg: TrainConfig):
+    model, tokenizer = load_model(cfg.model)
+    if cfg.lora_r > 0:
+        targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=targets)
+    else:
+        model = prepare_full_finetune(model)
+    return model, tokenizer
+
+
+def training_arguments(cfg: TrainConfig, out: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out), seed=cfg.seed, data_seed=cfg.seed, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500, report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available())
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path):
+    kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
+                  data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl")
+    if cfg.method == "sap":
+        pairs = sample(load_pairs(cfg.safety_data, "train"), cfg.n_safety, cfg.seed)
+        encoded = encode_pairs(tokenizer, pairs, cfg.max_length)
+        if not encoded.features:
+            raise UserError(f"{cfg.safety_data}: no usable safety pairs within max_length={cfg.max_length}")
+        kwargs.update(sap_config=cfg.sap_config(), safety_dataset=encoded.features,
+                      safety_batch_size=cfg.safety_batch_size)
+    return TRAINERS[cfg.method](**kwargs)
+
+
+def save_model(model, out: Path) -> None:
+    """Write the adapter (or full weights) into `out` atomically: save to a temp dir, then rename each file."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in os.listdir(tmp):
+            target = out / name
+            if (Path(tmp) / name).is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(Path(tmp) / name, target)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Fine-tune and return the manifest (also written to OUTPUT_DIR/run.json)."""
+    out = check_output_dir(cfg.output_dir)
+    if cfg.method == "sap" and not cfg.safety_data:
+        raise UserError("method 'sap' needs --safety-data (a dataset of prompt/safe/harmful pairs)")
+    start = time.time()
+    set_seed(cfg.seed)
+    examples, data_info = task_examples(cfg)
+    model, tokenizer = prepare_model(cfg)
+    encoded = encode_all(tokenizer, examples, cfg.max_length)
+    if not encoded.features:
+        raise UserError(f"{cfg.task}: every example is longer than max_length={cfg.max_length}")
+    (out / "train_log.jsonl").unlink(missing_ok=True)
+    trainer = build_trainer(cfg, model, tokenizer, encoded.features, out)
+    result = trainer.train()
+    if hasattr(trainer, "probe"):
+        trainer.probe.remove()  # the deployed model is f_W: no probe in what we save
+    save_model(trainer.model, out)
+    info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data=data_info,
+                    dropped_examples=encoded.dropped, n_train=len(encoded.features),
+                    train_loss=result.training_loss, global_steps=result.global_step,
+                    wall_time_s=round(time.time() - start, 2))
+    if cfg.method == "sap":
+        info["data"]["safety"] = fingerprint(cfg.safety_data, "train")
+    write_json(out / "run.json", info)
+    return info

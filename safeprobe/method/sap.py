@@ -1,0 +1,126 @@
+"""Safety-Aware Probing (SAP), Algorithm 1 of arXiv 2505.16737, one step per useful batch B:
+
+    1. s = grad_W L_safety(W)            on a batch of safety pairs, probe off;  dW = eps * s / ||s||
+    2. V = 0
+    3. g_V = grad_V L(W + dW, V; B) - grad_V L(W, V; B)     (two passes, same dropout masks, grads of V only)
+    4. V_safe = beta * g_V                                   (one ascent step on L_su = L(W+dW) - L(W))
+    5. g_W = grad_W L(W, V_safe; B), then the optimiser step; the probe is gone afterwards.
+
+To first order, g_W(V_safe) = g_W(0) + beta * eps * J J^T s_hat with J = d(grad_W L)/dV: the SFT step plus a
+descent step on L_safety preconditioned by the PSD matrix J J^T. With eps = 0 or beta = 0, SAP is SFT.
+Steps 1-4 live here; step 5 is the ordinary training step, taken by the trainer with the probe active.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .losses import contrastive_safety_loss, response_loss
+
+EPS_MODES = ("relative", "absolute")
+SAFETY_LOSSES = ("paper", "dpo")
+MODES = ("paper", "reference")
+
+
+@dataclass
+class SAPConfig:
+    """SAP's knobs (PEFT-style small config)."""
+
+    eps: float = 0.01  # perturbation size along the harmful direction
+    eps_mode: str = "relative"  # relative: eps * ||W_trainable|| (authors' code); absolute: eps
+    beta: float = 0.05  # probe ascent step (paper default)
+    probe_layers: str = "middle"  # see probe.resolve_layers; middle = the paper's 11..20 of 32, scaled
+    probe_norm: float | None = None  # if set, rescale V_safe to this global L2 norm
+    safety_loss: str = "paper"  # paper: L(safe) - L(harmful); dpo: the authors' -logsigmoid margin
+    safety_every: int = 1  # recompute s every k optimiser steps, reuse it in between
+    probe_every: int = 1  # recompute V_safe every k optimiser steps, reuse it in between
+    mode: str = "paper"  # paper: Algorithm 1; reference: the authors' lagged-probe schedule (SAP.md s.4)
+    probe_lr: float = 0.05  # reference mode only: AdamW learning rate of the probe
+
+    def __post_init__(self):
+        for name in ("eps", "beta", "probe_lr"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("safety_every", "probe_every"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, valid in (("eps_mode", EPS_MODES), ("safety_loss", SAFETY_LOSSES), ("mode", MODES)):
+            if getattr(self, name) not in valid:
+                raise UserError(f"{name} '{getattr(self, name)}' unknown; valid choices: {', '.join(valid)}")
+        if self.probe_norm is not None and self.probe_norm < 0:
+            raise UserError(f"probe_norm must be >= 0, got {self.probe_norm}")
+
+
+def global_norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum(t.detach().float().pow(2).sum() for t in tensors))
+
+
+def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "paper"):
+    """Step 1: s = grad_W L_safety(W) over the trainable tensors (no .grad is touched). Returns (s, L_safety)."""
+    loss = contrastive_safety_loss(model, pair_batch, loss_kind)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    s = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, grads)]
+    return s, loss.detach()
+
+
+def perturbation(params: list, s: list, eps: float, eps_mode: str) -> tuple[list, float]:
+    """dW = eps_abs * s / ||s|| in fp32, with eps_abs = eps or eps * ||W||."""
+    s_norm = global_norm(s)
+    eps_abs = eps * float(global_norm(params)) if eps_mode == "relative" else eps
+    if eps_abs == 0 or s_norm == 0:
+        return [torch.zeros_like(g) for g in s], 0.0
+    return [g * (eps_abs / s_norm) for g in s], eps_abs
+
+
+@contextlib.contextmanager
+def perturbed(params: list, delta: list):
+    """W <- W + dW (in fp32) inside the block; on exit every tensor is restored bit-exactly from a copy."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, delta):
+            p.copy_((p.float() + d).to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, saved):
+                p.copy_(original)
+
+
+@contextlib.contextmanager
+def same_randomness(seed: int, device: torch.device):
+    """Run a pass with a fixed RNG state (same dropout masks) without disturbing the global RNG stream."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def probe_gradient(model, probe, params: list, delta: list, batch: dict, seed: int, at: list | None = None):
+    """Steps 2-3: g_V at V = 0 (or at `at`) from a perturbed and a clean pass that differentiate only the probe.
+
+    Returns (g_V, L(W, V), L(W + dW, V)); the two losses give the L_su estimate for free.
+    """
+    device = batch["input_ids"].device
+    V = [v.detach().clone().float().requires_grad_(True) for v in at] if at is not None \
+        else probe.zeros(batch["input_ids"], requires_grad=True)
+    with probe.active(V):
+        with same_randomness(seed, device), perturbed(params, delta):
+            loss_perturbed = response_loss(model, batch)
+            g_perturbed = torch.autograd.grad(loss_perturbed, V)
+        with same_randomness(seed, device):
+            loss_clean = response_loss(model, batch)
+            g_clean = torch.autograd.grad(loss_clean, V)
+    g_V = [a - b for a, b in zip(g_perturbed, g_clean)]
+    return g_V, loss_clean.detach(), loss_perturbed.detach()
+
+
+def safe_probe(g_V: list, beta: float, probe_norm: float | None = None) -> list:
+    """Step 4: V_safe = beta * g_V (optionally rescaled to a fixed global norm)."""
+    if probe_norm is not None:
+        norm = global_norm(g_V)
+        return [g * (probe_norm / norm) if norm > 0 else torch.zeros_like(g) for g in g_V]
+    return [beta * g for g in g_V]

@@ -1,0 +1,124 @@
+"""`SAPTrainer`: Algorithm 1 (see `sap.py`) wired into `transformers.Trainer`.
+
+Drop-in for a Trainer/TRL user: same arguments plus `sap_config` and `safety_dataset` (encoded safety pairs).
+Works with PEFT LoRA or full fine-tuning, gradient accumulation, fp32/bf16 and accelerate DDP.
+
+Distributed training: every rank draws the same safety batch from an identically seeded sampler, so the
+safety direction s is identical on every rank by construction (it is also averaged across ranks, which removes
+any floating-point drift). g_V is averaged across ranks so that every rank applies the same V_safe, as a single
+process would with the global batch. The auxiliary passes run under `accelerator.no_sync(model)`, so DDP's
+gradient hooks only ever synchronise the final (step 5) backward.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.tokenize import PairCollator
+from .base import SafeprobeTrainer
+from .probe import Probe
+from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
+
+
+class SAPTrainer(SafeprobeTrainer):
+    method_name = "sap"
+
+    def __init__(self, *args, sap_config: SAPConfig | None = None, safety_dataset=None,
+                 safety_batch_size: int = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not safety_dataset:
+            raise ValueError("SAPTrainer needs a non-empty safety_dataset (encoded safety pairs)")
+        self.sap = sap_config or SAPConfig()
+        if self.sap.mode == "reference":
+            self.method_name = "sap-reference"
+        self.probe = Probe(self.model, self.sap.probe_layers)
+        self._safety_batches = self._cycle(safety_dataset, safety_batch_size)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._s, self._s_step = None, None
+        self._V, self._V_step = None, None
+        self._ref = None  # reference mode: the probe as a parameter with its own AdamW
+
+    # -- data --------------------------------------------------------------------------------------
+    def _cycle(self, dataset, batch_size: int):
+        generator = torch.Generator().manual_seed(self.args.seed)  # own RNG: SFT's data order is untouched
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                            collate_fn=PairCollator(self.processing_class))
+        return itertools.chain.from_iterable(itertools.repeat(loader))
+
+    def _seed(self, tag: int) -> int:
+        return hash((self.args.seed, self.state.global_step, tag, self.accelerator.process_index)) % 2**31
+
+    def _mean_across_ranks(self, tensors: list) -> list:
+        if self.accelerator.num_processes == 1:
+            return tensors
+        return [self.accelerator.reduce(t, reduction="mean") for t in tensors]
+
+    # -- Algorithm 1 -------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._prepare_inputs(inputs)
+        with self.accelerator.no_sync(model):
+            V_safe = self._reference_probe(model, inputs) if self.sap.mode == "reference" \
+                else self._paper_probe(model, inputs)
+        with self.probe.active(V_safe):  # step 5: the ordinary step, under the safety-aware probe
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _harmful_perturbation(self, model, force: bool = False) -> list:
+        """Step 1 (every `safety_every` steps): s on a safety batch, probe off -> dW."""
+        step = self.state.global_step
+        if force or self._s is None or step - self._s_step >= self.sap.safety_every:
+            batch = self._prepare_inputs(next(self._safety_batches))
+            with same_randomness(self._seed(1), batch["input_ids"].device):
+                s, safety_loss = safety_direction(model, self._params, batch, self.sap.safety_loss)
+            self._s, self._s_step = self._mean_across_ranks(s), step
+            self.record(safety_loss=safety_loss, s_norm=global_norm(self._s))
+        delta, eps = perturbation(self._params, self._s, self.sap.eps, self.sap.eps_mode)
+        self.record(eps=eps)
+        return delta
+
+    def _paper_probe(self, model, inputs) -> list | None:
+        step = self.state.global_step
+        if self._V is not None and step != self._V_step and (step - self._V_step) < self.sap.probe_every:
+            return self._V  # amortised: reuse the last V_safe
+        delta = self._harmful_perturbation(model)
+        with self.probe.active(None):
+            g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs,
+                                                       self._seed(2))
+        g_V = self._mean_across_ranks(g_V)
+        self._V, self._V_step = safe_probe(g_V, self.sap.beta, self.sap.probe_norm), step
+        self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(self._V), l_su=loss_perturbed - loss)
+        return self._V
+
+    def _reference_probe(self, model, inputs) -> list:
+        """The authors' schedule: this step uses the probe computed at the previous step (SAP.md s.4)."""
+        if self._ref is None:
+            self._ref = [torch.nn.Parameter(v) for v in self.probe.zeros(inputs["input_ids"])]
+            self._ref_opt = torch.optim.AdamW(self._ref, lr=self.sap.probe_lr)
+        V_prev = [v.detach().clone() for v in self._ref]
+        with self.probe.active(V_prev):  # the safety gradient is taken with the lagged probe still active
+            delta = self._harmful_perturbation(model, force=self._s is None)
+        g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs, self._seed(2),
+                                                   at=V_prev)
+        g_V = self._mean_across_ranks(g_V)
+        with torch.no_grad():  # next probe: zeroed, then one AdamW step ascending L_su (moments kept)
+            for v, g in zip(self._ref, g_V):
+                v.zero_()
+                v.grad = -g
+        self._ref_opt.step()
+        self._ref_opt.zero_grad(set_to_none=True)
+        self._V = [v.detach().clone() for v in self._ref]  # used at the NEXT step
+        self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(V_prev), l_su=loss_perturbed - loss)
+        return V_prev
+
+    # -- diagnostics -------------------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """cos(task gradient under the probe, safety direction s): positive = SFT drifts toward harm."""
+        if self._s is None:
+            return
+        grads = [p.grad for p in self._params]
+        if any(g is None for g in grads):
+            return
+        dot = sum((g.float() * s).sum() for g, s in zip(grads, self._s))
+        denom = global_norm(grads) * global_norm(self._s)
+        self.record(cos_task_safety=float(dot / denom) if denom > 0 else 0.0)
