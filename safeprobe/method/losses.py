@@ -26,7 +26,8 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     targets = labels[:, labels.shape[1] - keep + 1:]
     logits = logits[:, :-1, :]
     mask = targets != IGNORE
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 softmax even under bf16
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     return logp * mask, mask
 
 

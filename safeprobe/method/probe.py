@@ -55,6 +55,8 @@ class Probe:
         blocks = decoder_layers(model)
         self.layers = resolve_layers(layers, len(blocks))
         self.hidden_size = _hidden_size(model)
+        # the probe lives in at least fp32 (fp64 for an fp64 model), whatever the compute dtype
+        self.dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
         self.vectors: list[torch.Tensor] | None = None
         self._handles = [blocks[i].register_forward_hook(self._hook(k)) for k, i in enumerate(self.layers)]
 
@@ -68,8 +70,8 @@ class Probe:
         return add_vector
 
     def zeros(self, like: torch.Tensor, requires_grad: bool = False) -> list[torch.Tensor]:
-        """V = 0 in fp32 on the model's device (leaf tensors we can differentiate with respect to)."""
-        return [torch.zeros(self.hidden_size, device=like.device, dtype=torch.float32, requires_grad=requires_grad)
+        """V = 0 on the device of `like` (leaf tensors we can differentiate with respect to)."""
+        return [torch.zeros(self.hidden_size, device=like.device, dtype=self.dtype, requires_grad=requires_grad)
                 for _ in self.layers]
 
     @contextlib.contextmanager

@@ -54,15 +54,20 @@ class SAPConfig:
             raise UserError(f"probe_norm must be >= 0, got {self.probe_norm}")
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16/fp16/fp32 tensors, unchanged for fp64: the perturbation arithmetic never loses bits."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def global_norm(tensors) -> torch.Tensor:
-    return torch.sqrt(sum(t.detach().float().pow(2).sum() for t in tensors))
+    return torch.sqrt(sum(at_least_fp32(t.detach()).pow(2).sum() for t in tensors))
 
 
 def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "paper"):
     """Step 1: s = grad_W L_safety(W) over the trainable tensors (no .grad is touched). Returns (s, L_safety)."""
     loss = contrastive_safety_loss(model, pair_batch, loss_kind)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    s = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, grads)]
+    s = [at_least_fp32(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
     return s, loss.detach()
 
 
@@ -81,7 +86,7 @@ def perturbed(params: list, delta: list):
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, d in zip(params, delta):
-            p.copy_((p.float() + d).to(p.dtype))
+            p.copy_((at_least_fp32(p) + d).to(p.dtype))
     try:
         yield
     finally:
@@ -105,7 +110,7 @@ def probe_gradient(model, probe, params: list, delta: list, batch: dict, seed: i
     Returns (g_V, L(W, V), L(W + dW, V)); the two losses give the L_su estimate for free.
     """
     device = batch["input_ids"].device
-    V = [v.detach().clone().float().requires_grad_(True) for v in at] if at is not None \
+    V = [v.detach().clone().requires_grad_(True) for v in at] if at is not None \
         else probe.zeros(batch["input_ids"], requires_grad=True)
     with probe.active(V):
         with same_randomness(seed, device), perturbed(params, delta):

@@ -40,8 +40,9 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | No
     """
     torch_dtype, target = resolve_dtype(dtype), resolve_device(device)
     spec = str(spec).strip()
-    if spec in MODEL_NAMES:
-        source = embedded_dir() if spec == EMBEDDED_NAME else tiny_dir(spec)
+    if spec.lower() in MODEL_NAMES:  # built-in names are case-insensitive and win over same-named folders
+        name = spec.lower()
+        source = embedded_dir() if name == EMBEDDED_NAME else tiny_dir(name)
         model, tokenizer = _from_pretrained(str(source), torch_dtype)
         prepare_tokenizer(tokenizer, model, add_bos=False)  # pinned: SmolLM2's ChatML tokenizer adds no BOS
     else:

@@ -1,0 +1,115 @@
+"""The mathematics of SAP (Algorithm 1) on a tiny model in fp64: exactness, derivatives, first-order identity."""
+import torch
+
+from conftest import lora_model, pair_batch, task_batch
+from safeprobe.method.losses import contrastive_safety_loss, response_loss
+from safeprobe.method.probe import Probe
+from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, safe_probe, safety_direction
+
+
+def params_of(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def weight_grad(model, probe, batch, V):
+    with probe.active(V):
+        return torch.autograd.grad(response_loss(model, batch), params_of(model))
+
+
+def sap_weight_grad(model, probe, batch, pairs, eps, beta):
+    params = params_of(model)
+    s, _ = safety_direction(model, params, pairs)
+    delta, _ = perturbation(params, s, eps, "absolute")
+    g_V, _, _ = probe_gradient(model, probe, params, delta, batch, seed=0)
+    return weight_grad(model, probe, batch, safe_probe(g_V, beta)), s
+
+
+def test_zero_step_sizes_give_the_sft_gradient_exactly(llama64):
+    model, tok = llama64
+    probe, batch, pairs = Probe(model, "1,2"), task_batch(tok), pair_batch(tok)
+    sft = weight_grad(model, probe, batch, None)
+    for eps, beta in ((0.0, 0.05), (0.01, 0.0)):
+        sap, _ = sap_weight_grad(model, probe, batch, pairs, eps, beta)
+        assert all(torch.equal(a, b) for a, b in zip(sft, sap)), (eps, beta)
+    nonzero, _ = sap_weight_grad(model, probe, batch, pairs, 0.01, 0.05)  # the check can fail
+    assert not all(torch.equal(a, b) for a, b in zip(sft, nonzero))
+
+
+def test_perturbed_passes_restore_every_parameter_bit_exactly():
+    model, tok = lora_model(dtype=torch.float32, dropout=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = params_of(model)
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, eps = perturbation(params, s, 0.3, "relative")  # large, and not exactly representable
+    assert eps > 0
+    probe = Probe(model, "middle")
+    probe_gradient(model, probe, params, delta, task_batch(tok), seed=3)
+    with perturbed(params, delta):
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_probe_gradient_matches_central_finite_difference_of_l_su(llama64):
+    model, tok = llama64
+    probe, batch, params = Probe(model, "0,2"), task_batch(tok), params_of(model)
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, _ = perturbation(params, s, 0.05, "absolute")
+    g_V, loss, loss_pert = probe_gradient(model, probe, params, delta, batch, seed=0)
+
+    def l_su(V):
+        with torch.no_grad(), probe.active(V):
+            clean = response_loss(model, batch)
+            with perturbed(params, delta):
+                return response_loss(model, batch) - clean
+
+    h, gen, errors = 1e-4, torch.Generator().manual_seed(0), []
+    for _ in range(4):
+        u = [torch.randn(v.shape, generator=gen, dtype=torch.float64) for v in g_V]
+        fd = (l_su([h * x for x in u]) - l_su([-h * x for x in u])) / (2 * h)
+        analytic = sum((g.double() * x).sum() for g, x in zip(g_V, u))
+        errors.append(abs(float(fd - analytic)) / abs(float(analytic)))
+    assert max(errors) < 1e-3, errors
+    assert abs(float(l_su(None) - (loss_pert - loss))) < 1e-12  # the free L_su estimate is L_su at V = 0
+
+
+def test_first_order_identity_sap_minus_sft_is_parallel_to_J_JT_s(llama64):
+    model, tok = llama64
+    model.set_attn_implementation("eager")  # the Jacobian needs double backward, which CPU SDPA lacks
+    probe, batch = Probe(model, "1,3"), task_batch(tok)
+    eps, beta = 1e-5, 1e-3
+    sft = weight_grad(model, probe, batch, None)
+    sap, s = sap_weight_grad(model, probe, batch, pair_batch(tok), eps, beta)
+    diff = torch.cat([(a - b).flatten() for a, b in zip(sap, sft)])
+
+    # J = d(grad_W L)/dV at V = 0 = the mixed second derivative of L. Computed independently of SAP's
+    # finite difference of gradients, by double backward: J^T s_hat = grad_V <grad_W L, s_hat> and
+    # J u = grad_W <grad_V L, u> (mixed partial derivatives commute).
+    params = params_of(model)
+    V = probe.zeros(batch["input_ids"], requires_grad=True)
+    s_hat = [x / global_norm(s) for x in s]
+    with probe.active(V):
+        g_w = torch.autograd.grad(response_loss(model, batch), params, create_graph=True)
+        jt_s = torch.autograd.grad(sum((g * d).sum() for g, d in zip(g_w, s_hat)), V)
+        g_v = torch.autograd.grad(response_loss(model, batch), V, create_graph=True)
+        j_jt_s = torch.autograd.grad(sum((g * u).sum() for g, u in zip(g_v, jt_s)), params)
+    predicted = beta * eps * torch.cat([x.flatten() for x in j_jt_s])
+    cosine = torch.nn.functional.cosine_similarity(diff, predicted, dim=0)
+    assert cosine > 0.99, float(cosine)
+    assert 0.5 < float(diff.norm() / predicted.norm()) < 2.0  # and of the predicted size
+
+
+def test_one_sap_step_lowers_safety_loss_at_least_as_much_as_sft():
+    margins = []
+    for seed in range(5):
+        model, tok = lora_model(seed=seed)
+        probe, batch, pairs, params = Probe(model, "middle"), task_batch(tok), pair_batch(tok), params_of(model)
+        lr = 1e-3
+        sft = weight_grad(model, probe, batch, None)
+        sap, _ = sap_weight_grad(model, probe, batch, pairs, eps=1e-3, beta=0.5)
+
+        def safety_after(grads):
+            with torch.no_grad(), perturbed(params, [-lr * g for g in grads]):
+                return float(contrastive_safety_loss(model, pairs))
+        margins.append(safety_after(sft) - safety_after(sap))
+    assert all(m >= 0 for m in margins), margins
+    assert max(margins) > 0, margins
