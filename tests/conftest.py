@@ -33,6 +33,7 @@ def pair_batch(tokenizer, rows=PAIRS):
 
 def lora_model(name="tiny-random-llama", dtype=torch.float64, dropout=0.0, seed=0, r=4):
     """A tiny LoRA model with random (non-zero) B matrices so every LoRA tensor has a gradient."""
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn from the global RNG
     model, tokenizer = load_model(name)
     model = apply_lora(model.to(dtype), r=r, alpha=8, dropout=dropout)
     gen = torch.Generator().manual_seed(seed)

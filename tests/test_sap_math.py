@@ -105,7 +105,7 @@ def test_one_sap_step_lowers_safety_loss_at_least_as_much_as_sft():
         probe, batch, pairs, params = Probe(model, "middle"), task_batch(tok), pair_batch(tok), params_of(model)
         lr = 1e-3
         sft = weight_grad(model, probe, batch, None)
-        sap, _ = sap_weight_grad(model, probe, batch, pairs, eps=1e-3, beta=0.5)
+        sap, _ = sap_weight_grad(model, probe, batch, pairs, eps=1e-4, beta=0.05)
 
         def safety_after(grads):
             with torch.no_grad(), perturbed(params, [-lr * g for g in grads]):

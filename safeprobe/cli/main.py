@@ -100,6 +100,7 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import transformers
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # weight-loading bars; training keeps its bar
 
 
 if __name__ == "__main__":

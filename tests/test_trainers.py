@@ -1,0 +1,102 @@
+"""SAPTrainer / CLI contract on tiny models: SAP == SFT at eps 0, hooks, reference-mode lag, bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import lora_model
+from safeprobe.cli.main import main
+from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.method.probe import Probe, resolve_layers
+from safeprobe.method.sap_trainer import SAPTrainer
+
+TINY = dict(model="tiny-random-llama", task="sst2", n=16, n_safety=8, max_steps=2, batch_size=4,
+            safety_batch_size=4, max_length=96, logging_steps=1, lora_dropout=0.1)
+
+
+def train(tmp_path, name, **overrides):
+    cfg = TrainConfig(output_dir=str(tmp_path / name), **{**TINY, **overrides})
+    return run_train(cfg), load_file(str(tmp_path / name / "adapter_model.safetensors"))
+
+
+def test_sap_with_zero_eps_produces_the_sft_adapter_exactly(tmp_path):
+    _, sft = train(tmp_path, "sft", method="sft")
+    info, sap = train(tmp_path, "sap0", method="sap", eps=0.0)
+    _, sap_moving = train(tmp_path, "sap", method="sap", eps=0.05, beta=5.0)
+    assert sft.keys() == sap.keys()
+    assert all(torch.equal(sft[k], sap[k]) for k in sft)
+    assert any(not torch.equal(sft[k], sap_moving[k]) for k in sft)  # nonzero eps does change the adapter
+    assert not any("probe" in k for k in sap_moving)  # probe tensors are never saved
+    assert any("lora_B" in k and sft[k].abs().sum() > 0 for k in sft)  # the adapter was trained
+    assert info["method"] == "sap" and info["data"]["task"]["sha256"] and info["data"]["safety"]["sha256"]
+    log = [json.loads(line) for line in (tmp_path / "sap" / "train_log.jsonl").read_text().splitlines()]
+    assert {"task_loss", "safety_loss", "s_norm", "eps", "g_v_norm", "v_safe_norm", "l_su",
+            "cos_task_safety"} <= set(log[0])
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2", "tiny-random-qwen2"])
+def test_inactive_probe_hooks_leave_logits_bit_identical(name):
+    model, tok = lora_model(name, dtype=torch.float32)
+    model.eval()
+    ids = tok("Hello there, how are you?", return_tensors="pt")
+    before = model(**ids).logits
+    probe = Probe(model, "all")
+    assert torch.equal(before, model(**ids).logits)
+    with probe.active(probe.zeros(ids["input_ids"])):
+        assert torch.equal(before, model(**ids).logits)  # adding an exact zero changes nothing
+    with probe.active([torch.ones_like(v) for v in probe.zeros(ids["input_ids"])]):
+        assert not torch.equal(before, model(**ids).logits)  # an active probe does
+    probe.remove()
+    assert torch.equal(before, model(**ids).logits)
+
+
+def test_probe_layer_specs():
+    assert resolve_layers("middle", 32) == list(range(10, 20))  # the paper's v_11..v_20
+    assert len(resolve_layers("middle", 30)) == 10
+    assert resolve_layers("3,9", 30) == [3, 9]
+    assert resolve_layers("10:12", 30) == [10, 11]
+    assert resolve_layers("all", 4) == [0, 1, 2, 3]
+    assert resolve_layers("0.5:1.0", 4) == [2, 3]
+
+
+def test_reference_mode_uses_the_probe_computed_at_the_previous_step(tmp_path, monkeypatch):
+    used, computed = [], []
+    original = SAPTrainer._reference_probe
+
+    def spy(self, model, inputs):
+        V = original(self, model, inputs)
+        used.append([v.clone() for v in V])
+        computed.append([v.clone() for v in self._V])
+        return V
+
+    monkeypatch.setattr(SAPTrainer, "_reference_probe", spy)
+    info, _ = train(tmp_path, "ref", method="sap", sap_mode="reference", max_steps=3, eps=0.05)
+    assert info["method"] == "sap-reference"
+    assert len(used) == 3 and all(v.abs().sum() == 0 for v in used[0])
+    for t in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(used[t], computed[t - 1]))
+    assert any(v.abs().sum() > 0 for v in computed[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe-layers", "99"], "valid layer indices are 0..3"),
+    (["--eps", "-1"], "eps must be >= 0"),
+    (["--beta", "-0.5"], "beta must be >= 0"),
+    (["--method", "magic"], "valid choices: sft, sap"),
+    (["--safety-data", "nope.jsonl"], "nope.jsonl: file not found"),
+])
+def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
+    code = main(["train", "--method", "sap", "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_safety_pairs_with_empty_answer_are_rejected(tmp_path, capsys):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "p", "safe": "no", "harmful": "x"}\n{"prompt": "q", "safe": "", "harmful": "y"}\n')
+    code = main(["train", "--method", "sap", "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
+                 "--safety-data", str(bad), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "row 2" in err and "'safe' is empty" in err, err
