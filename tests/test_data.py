@@ -1,0 +1,148 @@
+"""Data layer: readers, record kinds, registry, label masks, splits, and one-line errors on bad input."""
+import json
+
+import pytest
+
+from safeprobe.cli.main import main
+from safeprobe.data import Example, load_examples, load_pairs, load_prompts, sample, split
+from safeprobe.data.readers import read_rows
+from safeprobe.data.tokenize import IGNORE, encode, encode_all
+from safeprobe.errors import UserError
+from safeprobe.model import load_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model("tiny-random-llama")[1]
+
+
+def test_label_mask_of_a_known_example_token_by_token(tokenizer):
+    ex = Example((("user", "Hi"),), "Hello!")
+    feat = encode(tokenizer, ex, 256)
+    ids, labels = feat["input_ids"], feat["labels"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    n_prompt = labels.count(IGNORE)
+    # the prompt (system + user turn + assistant header) is masked, everything after it is a target
+    assert tokenizer.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert tokens[n_prompt:] == ["Hello", "!", "<|im_end|>"]  # the end-of-turn token is a target
+    assert len(ids) == len(labels) == len(feat["attention_mask"])
+
+
+def test_truncation_never_leaves_an_example_without_response(tokenizer):
+    long_prompt = Example((("user", "word " * 300),), "ok")
+    assert encode(tokenizer, long_prompt, 64) is None
+    short = Example((("user", "hi"),), "a fairly long answer " * 20)
+    feat = encode(tokenizer, short, 64)
+    assert len(feat["input_ids"]) == 64 and feat["labels"][-1] != IGNORE
+    result = encode_all(tokenizer, [long_prompt, short], 64)
+    assert result.dropped == 1 and len(result.features) == 1
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_readers_and_record_kinds(tmp_path):
+    alpaca = write(tmp_path / "a.json", json.dumps([{"instruction": "Add", "input": "1+1", "output": "2"}]))
+    chat = write(tmp_path / "c.jsonl", json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                               {"role": "assistant", "content": "a"}]}) + "\n")
+    pc = write(tmp_path / "p.csv", "prompt,completion\nq1,a1\n\"q,2\",a2\n")
+    assert load_examples(alpaca)[0] == Example((("user", "Add\n\n1+1"),), "2")
+    assert load_examples(chat)[0].response == "a"
+    assert [e.prompt for e in load_examples(pc)] == ["q1", "q,2"]
+    pku = write(tmp_path / "pku.json", json.dumps([{"prompt": "p", "response": ["safe", "unsafe"]}]))
+    cr = write(tmp_path / "cr.jsonl", json.dumps({"prompt": "p", "chosen": "s", "rejected": "h"}) + "\n")
+    hh = write(tmp_path / "hh.jsonl", json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: no",
+                                                  "rejected": "\n\nHuman: hi\n\nAssistant: yes"}) + "\n")
+    assert (load_pairs(pku)[0].safe, load_pairs(pku)[0].harmful) == ("safe", "unsafe")
+    assert load_pairs(cr)[0].harmful == "h"
+    assert load_pairs(hh)[0].prompt == "hi" and load_pairs(hh)[0].safe == "no"
+    mapped = write(tmp_path / "m.csv", "question,answer\nq,a\n")
+    assert load_examples(mapped, columns={"prompt": "question", "completion": "answer"})[0].response == "a"
+
+
+def test_parquet_reader(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["x"], "completion": ["y"]}), tmp_path / "d.parquet")
+    assert load_examples(str(tmp_path / "d.parquet"))[0].response == "y"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.jsonl", None, "missing.jsonl: file not found"),
+    ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', "bad.jsonl:2: malformed JSON line"),
+    ("field.jsonl", '{"prompt": "a"}\n', "row 1: missing required field 'completion'"),
+    ("empty.jsonl", "", "dataset is empty"),
+    ("wrong.json", '{"x": 1}', "expected a JSON list of objects"),
+    ("type.jsonl", '{"prompt": 3.5, "completion": ["a"]}\n', "field 'completion'"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError) as e:
+        load_examples(str(path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(UserError, match="valid names: advbench"):
+        load_examples("no-such-dataset")
+
+
+def test_registry_datasets_load():
+    sst2 = load_examples("sst2", "test")
+    assert len(sst2) == 872 and sst2[0].response in ("positive", "negative")
+    assert load_examples("gsm8k", "test")[0].meta["label"] == "18"
+    assert len(load_prompts("xstest-safe")) == 250 and len(load_prompts("xstest-unsafe")) == 200
+    assert len(load_prompts("advbench")) == 520 and len(load_prompts("jbb-harmful")) == 100
+    train, test = load_pairs("pku-saferlhf-pairs", "train"), load_pairs("pku-saferlhf-pairs", "test")
+    assert not {p.prompt for p in train} & {p.prompt for p in test}  # held out by prompt
+    assert len(train) + len(test) == 5135
+    assert len(load_examples("pure-bad")) == 100 and len(load_examples("alpaca")) == 1000
+
+
+def test_seeded_sample_and_grouped_split_are_deterministic():
+    items = list(range(100))
+    assert sample(items, 10, 1) == sample(items, 10, 1) != sample(items, 10, 2)
+    recs = [Example((("user", f"p{i % 7}"),), "r") for i in range(70)]
+    train, held = split(recs, 0.3, 0)
+    assert len(train) + len(held) == 70 and not {r.prompt for r in train} & {r.prompt for r in held}
+
+
+def test_cli_data_show_formats_examples(capsys):
+    assert main(["data", "show", "sst2", "--n", "2", "--model", "tiny-random-llama"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("<|im_start|>assistant") == 2 and "<<response: trained tokens>>" in out
+    assert main(["data", "show", "pku-saferlhf-pairs", "--n", "1", "--model", "tiny-random-llama"]) == 0
+    assert "(harmful)" in capsys.readouterr().out
+
+
+def test_cli_data_show_malformed_file_exits_2(tmp_path, capsys):
+    bad = write(tmp_path / "bad.jsonl", "{not json}\n")
+    assert main(["data", "show", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("safeprobe: error:") and "bad.jsonl:1" in err and len(err.splitlines()) == 1
+
+
+def test_config_file_with_flag_override_and_errors(tmp_path, capsys):
+    from safeprobe.cli import config as cfgmod
+    from safeprobe.cli.main import build_parser
+    from safeprobe.experiments.train import TrainConfig
+
+    cfg_file = write(tmp_path / "c.yaml", "method: sap\nn: 12\nbeta: 0.1\nprobe_layers: [3, 9]\n")
+    args = build_parser().parse_args(["train", "--config", cfg_file, "--n", "20"])
+    cfg = cfgmod.resolve(TrainConfig, args)
+    assert (cfg.method, cfg.n, cfg.beta, cfg.probe_layers) == ("sap", 20, 0.1, "3,9")
+    for text, message in (("nsteps: 3\n", "unknown key 'nsteps'"), ("n: many\n", "key 'n': expected an integer"),
+                          ("n: [1\n", "invalid YAML")):
+        bad = write(tmp_path / "bad.yaml", text)
+        assert main(["train", "--config", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "bad.yaml" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: config file not found" in capsys.readouterr().err
