@@ -39,20 +39,14 @@ def _coerce(value, annotation, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise UserError(f"{where}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+    if kind in (int, float):
+        accepted, word = ((int, str), "an integer") if kind is int else ((int, float, str), "a number")
         try:
-            return int(value)
-        except ValueError:
-            raise UserError(f"{where}: expected an integer, got {value!r}") from None
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise UserError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise UserError(f"{where}: expected a number, got {value!r}") from None
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise ValueError
+            return kind(value)
+        except (ValueError, OverflowError):
+            raise UserError(f"{where}: expected {word}, got {value!r}") from None
     if kind is str:
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
             return ",".join(str(v) for v in value)  # YAML lists for comma-separated options

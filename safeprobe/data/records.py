@@ -18,35 +18,31 @@ from ..errors import UserError
 Messages = list  # list[dict(role=..., content=...)]
 
 
+class _PromptTurns:
+    """`messages` is a tuple of (role, content) prompt turns ending with a user turn."""
+
+    @property
+    def chat(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def prompt(self) -> str:
+        """The last user turn (for display, splits and keyword judges)."""
+        return self.messages[-1][1]
+
+
 @dataclass(frozen=True)
-class Example:
-    messages: tuple  # the prompt turns (tuple of (role, content)), ending with a user turn
+class Example(_PromptTurns):
+    messages: tuple
     response: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
-    @property
-    def chat(self) -> list[dict]:
-        return [{"role": r, "content": c} for r, c in self.messages]
-
-    @property
-    def prompt(self) -> str:
-        """The last user turn (for display and keyword judges)."""
-        return self.messages[-1][1]
-
 
 @dataclass(frozen=True)
-class SafetyPair:
+class SafetyPair(_PromptTurns):
     messages: tuple
     safe: str
     harmful: str
-
-    @property
-    def chat(self) -> list[dict]:
-        return [{"role": r, "content": c} for r, c in self.messages]
-
-    @property
-    def prompt(self) -> str:
-        return self.messages[-1][1]
 
 
 def user_turn(text: str) -> tuple:
