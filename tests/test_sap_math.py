@@ -49,8 +49,11 @@ def test_perturbed_passes_restore_every_parameter_bit_exactly():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_probe_gradient_matches_central_finite_difference_of_l_su(llama64):
-    model, tok = llama64
+def test_probe_gradient_matches_central_finite_difference_of_l_su():
+    # GPT-2 computes end to end in fp64 (Llama's RMSNorm rounds through fp32, a 1e-9 noise floor), and eval
+    # mode removes its dropout, so the central difference converges as h^2.
+    model, tok = lora_model("tiny-random-gpt2")
+    model.eval()
     probe, batch, params = Probe(model, "0,2"), task_batch(tok), params_of(model)
     s, _ = safety_direction(model, params, pair_batch(tok))
     delta, _ = perturbation(params, s, 0.05, "absolute")
@@ -62,12 +65,13 @@ def test_probe_gradient_matches_central_finite_difference_of_l_su(llama64):
             with perturbed(params, delta):
                 return response_loss(model, batch) - clean
 
-    h, gen, errors = 1e-4, torch.Generator().manual_seed(0), []
+    h, gen, errors = 1e-5, torch.Generator().manual_seed(0), []
     for _ in range(4):
         u = [torch.randn(v.shape, generator=gen, dtype=torch.float64) for v in g_V]
         fd = (l_su([h * x for x in u]) - l_su([-h * x for x in u])) / (2 * h)
         analytic = sum((g.double() * x).sum() for g, x in zip(g_V, u))
         errors.append(abs(float(fd - analytic)) / abs(float(analytic)))
+    print(f"finite-difference relative errors: {errors}")
     assert max(errors) < 1e-3, errors
     assert abs(float(l_su(None) - (loss_pert - loss))) < 1e-12  # the free L_su estimate is L_su at V = 0
 
@@ -94,6 +98,7 @@ def test_first_order_identity_sap_minus_sft_is_parallel_to_J_JT_s(llama64):
         j_jt_s = torch.autograd.grad(sum((g * u).sum() for g, u in zip(g_v, jt_s)), params)
     predicted = beta * eps * torch.cat([x.flatten() for x in j_jt_s])
     cosine = torch.nn.functional.cosine_similarity(diff, predicted, dim=0)
+    print(f"first-order identity: cosine {float(cosine):.6f}, size ratio {float(diff.norm() / predicted.norm()):.4f}")
     assert cosine > 0.99, float(cosine)
     assert 0.5 < float(diff.norm() / predicted.norm()) < 2.0  # and of the predicted size
 
@@ -111,5 +116,6 @@ def test_one_sap_step_lowers_safety_loss_at_least_as_much_as_sft():
             with torch.no_grad(), perturbed(params, [-lr * g for g in grads]):
                 return float(contrastive_safety_loss(model, pairs))
         margins.append(safety_after(sft) - safety_after(sap))
+    print(f"L_safety(SFT step) - L_safety(SAP step) over seeds: {margins}")
     assert all(m >= 0 for m in margins), margins
     assert max(margins) > 0, margins
