@@ -55,10 +55,7 @@ def measure(mode: str, args) -> dict:
     torch.manual_seed(0)
     model, tokenizer = prepare_model(cfg)
     features, pairs = synthetic_batches(tokenizer, args.batch * (args.warmup + args.steps), args.seq_len)
-    trainer = build_trainer(cfg, model, tokenizer, features, _out(cfg))
-    if cfg.method == "sap":
-        from torch.utils.data import DataLoader  # noqa: F401  (safety data comes from the synthetic pairs)
-        trainer._safety_batches = trainer._cycle(pairs, args.batch)
+    trainer = build_trainer(cfg, model, tokenizer, features, _out(cfg), safety=pairs)
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.args.disable_tqdm = True

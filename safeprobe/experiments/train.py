@@ -138,16 +138,21 @@ def training_arguments(cfg: TrainConfig, out: Path) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available())
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path):
+def safety_features(cfg: TrainConfig, tokenizer) -> list[dict]:
+    pairs = sample(load_pairs(cfg.safety_data, "train"), cfg.n_safety, cfg.seed)
+    encoded = encode_pairs(tokenizer, pairs, cfg.max_length)
+    if not encoded.features:
+        raise UserError(f"{cfg.safety_data}: no usable safety pairs within max_length={cfg.max_length}")
+    return encoded.features
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None):
+    """The method's trainer; SAP's encoded safety pairs come from `cfg.safety_data` unless given."""
     kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
                   data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl")
     if cfg.method == "sap":
-        pairs = sample(load_pairs(cfg.safety_data, "train"), cfg.n_safety, cfg.seed)
-        encoded = encode_pairs(tokenizer, pairs, cfg.max_length)
-        if not encoded.features:
-            raise UserError(f"{cfg.safety_data}: no usable safety pairs within max_length={cfg.max_length}")
-        kwargs.update(sap_config=cfg.sap_config(), safety_dataset=encoded.features,
-                      safety_batch_size=cfg.safety_batch_size)
+        kwargs.update(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
+                      safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer))
     return TRAINERS[cfg.method](**kwargs)
 
 
