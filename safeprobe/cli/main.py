@@ -45,6 +45,17 @@ def _train(cfg, console):
                   f"train loss {info['train_loss']:.4f}, {info['wall_time_s']} s -> {cfg.output_dir}")
 
 
+def _demo_config():
+    from ..experiments.demo import DemoConfig
+    return DemoConfig
+
+
+@command("demo", "the embedded default end to end: SFT vs SAP on SST-2 with harmful pairs, judged", _demo_config)
+def _demo(cfg, console):
+    from ..experiments.demo import run_demo
+    run_demo(cfg, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeprobe", description="Fine-tune LLMs without losing their safety "
                                      "alignment (Safety-Aware Probing).")

@@ -1,0 +1,1 @@
+def train_moderation_judge(*a, **k): raise NotImplementedError
