@@ -100,3 +100,14 @@ def test_safety_pairs_with_empty_answer_are_rejected(tmp_path, capsys):
                  "--safety-data", str(bad), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "row 2" in err and "'safe' is empty" in err, err
+
+
+def test_full_finetuning_with_gradient_accumulation_and_dpo_safety_loss(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "full"), method="sap", lora_r=0, grad_accum=2,
+                      safety_loss="dpo", safety_every=2, probe_every=2, **{**TINY, "max_steps": 2})
+    info = run_train(cfg)
+    assert info["global_steps"] == 2 and (tmp_path / "full" / "model.safetensors").exists()
+    weights = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert not any("probe" in k for k in weights)
+    log = [json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and "safety_loss" in log[0]
