@@ -8,4 +8,5 @@ run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=24
                       batch_size=per_device_batch, safety_batch_size=4, max_length=96, lora_dropout=0.0,
                       eps=0.05, beta=1.0, lr=1e-2, output_dir=out, logging_steps=1, seed=3))
 import torch.distributed as dist  # noqa: E402
-print("WORLD", dist.get_world_size() if dist.is_initialized() else 1, flush=True)
+if not dist.is_initialized() or dist.get_rank() == 0:  # one line only: ranks' prints interleave
+    print("WORLD", dist.get_world_size() if dist.is_initialized() else 1, flush=True)
