@@ -12,3 +12,9 @@ class UserError(Exception):
 
 def choices_hint(name: str, valid) -> str:
     return f"unknown {name}; valid choices: {', '.join(sorted(valid))}"
+
+
+class TrainingDiverged(UserError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient. The CLI exits 3."""
+
+    exit_code = 3

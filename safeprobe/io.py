@@ -1,10 +1,16 @@
-"""Atomic file output and content hashing (one place for both)."""
+"""Atomic file output, output-directory locks and content hashing (one place for all three)."""
 import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import filelock
+
+from .errors import UserError
+
+LOCK_FILE = ".safeprobe.lock"
 
 
 @contextlib.contextmanager
@@ -35,6 +41,26 @@ def append_jsonl(path, obj) -> None:
     """Append one JSON line (a log: a torn last line is tolerated by readers)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def output_lock(directory):
+    """Hold `directory`/.safeprobe.lock while writing there; a second safeprobe process is refused at once.
+
+    The lock is an OS file lock (flock, through `filelock`): the kernel releases it when its holder exits, even
+    by kill -9, so a lock file left behind never blocks a later run.
+    """
+    path = Path(directory) / LOCK_FILE
+    lock = filelock.FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(f"{directory} is in use by another safeprobe run (it holds {path}); wait for it to finish "
+                        "or choose another output directory") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -40,11 +41,14 @@ def _coerce(value, annotation, where: str):
             return value.lower() in ("true", "yes", "1")
         raise UserError(f"{where}: expected true or false, got {value!r}")
     if kind in (int, float):
-        accepted, word = ((int, str), "an integer") if kind is int else ((int, float, str), "a number")
+        accepted, word = ((int, str), "an integer") if kind is int else ((int, float, str), "a finite number")
         try:
             if isinstance(value, bool) or not isinstance(value, accepted):
                 raise ValueError
-            return kind(value)
+            number = kind(value)
+            if kind is float and not math.isfinite(number):  # nan / inf: never a meaningful setting
+                raise ValueError
+            return number
         except (ValueError, OverflowError):
             raise UserError(f"{where}: expected {word}, got {value!r}") from None
     if kind is str:
@@ -68,6 +72,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: config is not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"{path}: config is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (Excel, Notepad) is not part of the first field
 HUB_PREFIX = "hf:"
 
 
@@ -34,6 +35,8 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
         rows = reader(path)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:  # the stdlib parsers recurse once per nesting level
+        raise UserError(f"{path}: nested too deeply to be a dataset") from None
     if not rows:
         raise UserError(f"{path}: dataset is empty")
     return rows
@@ -46,7 +49,7 @@ def _as_object(row, path: Path, where: str) -> dict:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=ENCODING)
     if not text.strip():
         raise UserError(f"{path}: dataset is empty")
     try:
@@ -68,7 +71,7 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -82,17 +85,20 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_csv(path: Path) -> list[dict]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=ENCODING, newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            return []
-        header = [name if name else "index" for name in reader.fieldnames]  # unnamed index column
-        rows = []
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise UserError(f"{path}:{reader.line_num}: row has {len(row) - (None in row)} fields, "
-                                f"header has {len(header)}")
-            rows.append(dict(zip(header, row.values())))
+        try:
+            if not reader.fieldnames:
+                return []
+            header = [name if name else "index" for name in reader.fieldnames]  # unnamed index column
+            rows = []
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise UserError(f"{path}:{reader.line_num}: row has {len(row) - (None in row)} fields, "
+                                    f"header has {len(header)}")
+                rows.append(dict(zip(header, row.values())))
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     return rows
 
 

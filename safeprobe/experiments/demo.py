@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..evaluation import run_eval
-from ..io import write_json
-from .train import TrainConfig, run_train
+from ..io import output_lock, sha256_file, write_json
+from .resume import run_stage
+from .train import TrainConfig, check_output_dir, run_train
 
 
 @dataclass
@@ -34,22 +35,31 @@ def plan(cfg: DemoConfig) -> tuple[dict, dict]:
     # Safety pairs are long (PKU answers); 4 pairs of <= 128 tokens keep a SAP step within a few SFT steps on CPU.
     train = dict(model=cfg.model, task="sst2", n=8 * steps, poison_ratio=0.1, max_steps=steps, batch_size=8,
                  lr=3e-4, max_length=128, seed=cfg.seed, logging_steps=5, eps=0.05, beta=0.05, n_safety=32,
-                 safety_batch_size=4)
+                 safety_batch_size=4, save_steps=5)
     evaluation = dict(suites=["jbb-harmful", "sst2"], judges=["keyword"], limit=limit, max_new_tokens=48)
     return train, evaluation
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> dict:
-    out = Path(cfg.output_dir)
+    """Rerun after an interruption: finished stages are skipped and training resumes from its checkpoints."""
+    out = check_output_dir(cfg.output_dir)
+    with output_lock(out):
+        return _run_stages(cfg, out, console)
+
+
+def _run_stages(cfg: DemoConfig, out: Path, console: Console) -> dict:
     train_settings, eval_settings = plan(cfg)
     results = {}
     console.rule("[bold]base model (no fine-tuning)")
-    results["base"] = run_eval(cfg.model, output_dir=str(out / "base"), **eval_settings)
+    results["base"] = run_stage(out / "base", {"model": cfg.model, **eval_settings},
+                                lambda: run_eval(cfg.model, output_dir=str(out / "base"), **eval_settings))
     for method in ("sft", "sap"):
         console.rule(f"[bold]{method}: LoRA on SST-2 with 10% harmful pairs")
-        run_train(TrainConfig(method=method, output_dir=str(out / method), **train_settings))
-        results[method] = run_eval(cfg.model, adapter=str(out / method), output_dir=str(out / method / "eval"),
-                                   **eval_settings)
+        adapter = out / method
+        run_train(TrainConfig(method=method, output_dir=str(adapter), resume=True, **train_settings))
+        trained = {"model": cfg.model, "adapter": sha256_file(adapter / "adapter_model.safetensors"), **eval_settings}
+        results[method] = run_stage(adapter / "eval", trained, lambda: run_eval(
+            cfg.model, adapter=str(adapter), output_dir=str(adapter / "eval"), **eval_settings))
     write_json(out / "demo.json", {"config": dataclasses.asdict(cfg), "train": train_settings,
                                    "eval": eval_settings, "results": results})
     console.print(results_table(results, eval_settings))

@@ -1,6 +1,7 @@
 """`safeprobe train`: load model and data, fine-tune with one method, save the adapter and a manifest."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -11,18 +12,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import SchedulerType, TrainingArguments, set_seed
 
 from ..data import fingerprint, load_examples, load_pairs, sample
 from ..data.tokenize import collator, encode_all, encode_pairs
 from ..errors import UserError
-from ..io import write_json
+from ..io import output_lock, write_json
 from ..method import TRAINERS, SAPConfig
 from ..model import apply_lora, load_model, prepare_full_finetune
 from .manifest import manifest
+from .resume import finished_run, prepare_resume, resume_point, start_fresh
 
 log = logging.getLogger(__name__)
 SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
+            "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1, "save_steps": 0, "warmup_steps": 0,
+            "weight_decay": 0, "lora_r": 0}
 
 
 def _help(text: str, default=None, **kw):
@@ -57,7 +65,11 @@ class TrainConfig:
     target_modules: str | None = _help("comma-separated LoRA target modules (default: per architecture)")
     bf16: bool = _help("compute in bf16 (trainable tensors stay fp32)", False)
     logging_steps: int = _help("log every N steps", 10)
-    save_steps: int = _help("checkpoint every N steps (0: only the final adapter)", 0)
+    save_steps: int = _help("checkpoint every N steps into OUTPUT_DIR/checkpoint-N (0: only the final adapter)", 0)
+    resume: bool = _help("continue from the last complete checkpoint in output_dir (same settings); "
+                         "a run that already finished is not repeated", False)
+    max_bad_steps: int = _help("stop after this many steps in a row with a non-finite loss or gradient "
+                               "(each such step is skipped)", 5)
     report_to: str = _help("none, tensorboard or wandb", "none")
     # SAP
     eps: float = _help("SAP: size of the harmful perturbation", SAPConfig.eps)
@@ -73,15 +85,20 @@ class TrainConfig:
     safety_batch_size: int = _help("SAP: safety pairs per safety batch", 8)
 
     def __post_init__(self):
-        if self.method not in TRAINERS:
-            raise UserError(f"unknown method '{self.method}'; valid choices: {', '.join(TRAINERS)}")
-        for name in ("n", "batch_size", "grad_accum", "max_length", "safety_batch_size", "n_safety"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, valid in (("method", TRAINERS), ("lr_scheduler", [t.value for t in SchedulerType]),
+                            ("report_to", REPORT_TO)):
+            if getattr(self, name) not in valid:
+                raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
+        for name, low in MINIMUMS.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "epochs", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.poison_ratio <= 1:
             raise UserError(f"poison_ratio must be in [0, 1], got {self.poison_ratio}")
-        if self.lr <= 0:
-            raise UserError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         self.sap_config()  # validates SAP's knobs
 
     def sap_config(self) -> SAPConfig:
@@ -96,8 +113,8 @@ def check_output_dir(path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
-    except OSError as e:
-        raise UserError(f"{path}: output directory is not writable ({e.strerror})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise UserError(f"{path!r}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     return path
 
 
@@ -149,7 +166,8 @@ def safety_features(cfg: TrainConfig, tokenizer) -> list[dict]:
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None):
     """The method's trainer; SAP's encoded safety pairs come from `cfg.safety_data` unless given."""
     kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
-                  data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl")
+                  data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
+                  max_bad_steps=cfg.max_bad_steps)
     if cfg.method == "sap":
         kwargs.update(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
                       safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer))
@@ -168,10 +186,29 @@ def save_model(model, out: Path) -> None:
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    """Fine-tune and return the manifest (also written to OUTPUT_DIR/run.json)."""
+    """Fine-tune and return the manifest (also written to OUTPUT_DIR/run.json, last).
+
+    Holds OUTPUT_DIR's lock throughout. With `cfg.resume`, continues from the last complete checkpoint, or
+    returns the manifest of a finished run of the same settings without training again.
+    """
     out = check_output_dir(cfg.output_dir)
     if cfg.method == "sap" and not cfg.safety_data:
         raise UserError("method 'sap' needs --safety-data (a dataset of prompt/safe/harmful pairs)")
+    main_process = os.environ.get("RANK", "0") == "0"  # under DDP every rank runs this; one writes and locks
+    with output_lock(out) if main_process else contextlib.nullcontext():
+        done = finished_run(cfg, out)
+        if done is not None:
+            log.warning("%s: this run already finished (run.json); nothing to do", out)
+            return done
+        checkpoint = resume_point(cfg, out)
+        if main_process and checkpoint:
+            prepare_resume(out, checkpoint)
+        elif main_process:
+            start_fresh(cfg, out)
+        return _train(cfg, out, checkpoint)
+
+
+def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
     start = time.time()
     set_seed(cfg.seed)
     examples, data_info = task_examples(cfg)
@@ -179,16 +216,15 @@ def run_train(cfg: TrainConfig) -> dict:
     encoded = encode_all(tokenizer, examples, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.task}: every example is longer than max_length={cfg.max_length}")
-    (out / "train_log.jsonl").unlink(missing_ok=True)
     trainer = build_trainer(cfg, model, tokenizer, encoded.features, out)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     if hasattr(trainer, "probe"):
         trainer.probe.remove()  # the deployed model is f_W: no probe in what we save
     save_model(trainer.model, out)
     info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data=data_info,
                     dropped_examples=encoded.dropped, n_train=len(encoded.features),
                     train_loss=result.training_loss, global_steps=result.global_step,
-                    wall_time_s=round(time.time() - start, 2))
+                    resumed_from=str(checkpoint) if checkpoint else None, wall_time_s=round(time.time() - start, 2))
     if cfg.method == "sap":
         info["data"]["safety"] = fingerprint(cfg.safety_data, "train")
     write_json(out / "run.json", info)

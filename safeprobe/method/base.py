@@ -1,13 +1,26 @@
-"""What every method's trainer shares: the response loss and a per-step JSONL log of method scalars."""
+"""What every method's trainer shares: the response loss, a per-step JSONL log of method scalars, the guard
+against non-finite steps and checkpoints that carry the method's own state."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
+from ..errors import TrainingDiverged
 from ..io import append_jsonl
+from . import checkpoint
 from .losses import response_loss
+
+log = logging.getLogger(__name__)
+
+
+def all_finite(tensors) -> bool:
+    """True if no tensor holds a NaN or an infinity (one device sync for the whole list)."""
+    tensors = [torch.as_tensor(t) for t in tensors]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class SafeprobeTrainer(Trainer):
@@ -15,17 +28,29 @@ class SafeprobeTrainer(Trainer):
 
     Subclasses add their method by overriding `training_step` and report scalars with `record(**stats)`:
     they are averaged into the Trainer log and written, one line per optimiser step, to `step_log`.
+
+    Numerical faults: a step whose loss or gradient is not finite, or that a subclass flags with `flag_bad_step`
+    (e.g. a non-finite auxiliary pass), is skipped: its update is dropped and the skip is logged. After
+    `max_bad_steps` such steps in a row, training stops with `TrainingDiverged`; saved checkpoints are untouched.
+
+    Checkpoints: besides the Trainer's files, each `checkpoint-<step>/` holds the method's state
+    (`method_state()`, restored by `load_method_state()`), written last as the folder's completion marker;
+    `train(resume_from_checkpoint=True)` resumes from the last complete checkpoint.
     """
 
     method_name = "sft"
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
 
-    def __init__(self, *args, step_log: str | Path | None = None, **kwargs):
+    def __init__(self, *args, step_log: str | Path | None = None, max_bad_steps: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.step_log = Path(step_log) if step_log else None
+        self.max_bad_steps = max_bad_steps
         self._step_stats: dict[str, list[float]] = {}
         self._window_stats: dict[str, list[float]] = {}
+        self._bad_reasons: list[str] = []  # what was non-finite in the current optimiser step
+        self._skipped: str | None = None  # why the step being logged was skipped
+        self._bad_steps = 0  # consecutive skipped steps
         self.add_callback(_FlushStepStats(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -34,6 +59,8 @@ class SafeprobeTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if not all_finite([loss]):
+            self.flag_bad_step("task loss")
         self.record(task_loss=float(loss) * self.current_gradient_accumulation_steps)
         return loss
 
@@ -45,12 +72,76 @@ class SafeprobeTrainer(Trainer):
     def before_optimizer_step(self) -> None:
         """Hook for subclasses: gradients of the step are complete, the optimiser has not stepped yet."""
 
+    # -- numerical faults ------------------------------------------------------------------------------
+    def flag_bad_step(self, what: str) -> None:
+        """Mark the current optimiser step as numerically broken (`what` was not finite): it will be skipped."""
+        self._bad_reasons.append(what)
+
+    def guard_step(self) -> None:
+        """Before the optimiser step: skip it if anything in it was not finite; stop after too many in a row."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not all_finite([p.grad for p in params if p.grad is not None]):
+            self.flag_bad_step("gradient")
+        reasons, self._bad_reasons = list(dict.fromkeys(self._bad_reasons)), []
+        if not self._all_ranks_agree_bad(bool(reasons)):
+            self._bad_steps = 0
+            return
+        for p in params:  # the optimiser leaves a parameter without gradient untouched: weights and moments
+            p.grad = None
+        self._bad_steps += 1
+        step = self.state.global_step + 1
+        self._skipped = ", ".join(reasons) or "non-finite on another rank"
+        log.warning("step %d skipped: non-finite %s (%d in a row)", step, self._skipped, self._bad_steps)
+        if self._bad_steps >= self.max_bad_steps:
+            last = checkpoint.last_complete_checkpoint(self.args.output_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-steps)"
+            raise TrainingDiverged(f"training stopped at step {step}: {self._bad_steps} steps in a row had a "
+                                   f"non-finite {self._skipped}; {kept}. Lower the learning rate (or eps/beta) "
+                                   "and rerun, or resume from the checkpoint")
+
+    def _all_ranks_agree_bad(self, bad: bool) -> bool:
+        """Under DDP every rank must skip the same steps; one bad rank makes the step bad everywhere."""
+        if self.accelerator.num_processes == 1:
+            return bad
+        flag = torch.tensor(float(bad), device=self.args.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def method_state(self) -> dict:
+        """What a checkpoint must hold beyond the Trainer's files: tensors and JSON values, flat."""
+        return {"bad_steps": self._bad_steps}
+
+    def load_method_state(self, state: dict) -> None:
+        self._bad_steps = state["bad_steps"]
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = checkpoint.checkpoint_folder(self._get_output_dir(trial), self.state.global_step)
+        if self.args.should_save:
+            checkpoint.mark_incomplete(folder)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint.write_state(folder, self.method_state())
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As `Trainer.train`; `resume_from_checkpoint=True` means the last complete checkpoint of output_dir."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoint.last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self.load_method_state(checkpoint.read_state(resume_from_checkpoint))
+            resume_from_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    # -- logging ---------------------------------------------------------------------------------------
     def end_of_step(self) -> dict:
         """Average this optimiser step's scalars, write them to the JSONL log and keep them for `log`."""
         row = {k: sum(v) / len(v) for k, v in self._step_stats.items() if v}
-        self._step_stats = {}
-        if row and self.step_log is not None and self.is_world_process_zero():
-            append_jsonl(self.step_log, {"step": self.state.global_step, "method": self.method_name, **row})
+        notes = {"skipped": self._skipped} if self._skipped else {}
+        self._step_stats, self._skipped = {}, None
+        if (row or notes) and self.step_log is not None and self.is_world_process_zero():
+            append_jsonl(self.step_log, {"step": self.state.global_step, "method": self.method_name, **row,
+                                         **notes})
         for key, value in row.items():
             self._window_stats.setdefault(key, []).append(value)
         return row
@@ -70,6 +161,7 @@ class _FlushStepStats(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.guard_step()
         self.trainer.before_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -8,6 +8,10 @@ safety direction s is identical on every rank by construction (it is also averag
 any floating-point drift). g_V is averaged across ranks so that every rank applies the same V_safe, as a single
 process would with the global batch. The auxiliary passes run under `accelerator.no_sync(model)`, so DDP's
 gradient hooks only ever synchronise the final (step 5) backward.
+
+Checkpoints carry SAP's state (cached s and V_safe with their steps, the reference-mode probe and its AdamW
+moments, how many safety batches were drawn), so a resumed run continues exactly where it stopped. A non-finite
+s or g_V skips the step (see `SafeprobeTrainer`) and is never cached.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.tokenize import PairCollator
-from .base import SafeprobeTrainer
+from .base import SafeprobeTrainer, all_finite
+from .checkpoint import numbered, unnumbered
 from .probe import Probe
 from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
 
@@ -34,18 +39,26 @@ class SAPTrainer(SafeprobeTrainer):
         if self.sap.mode == "reference":
             self.method_name = "sap-reference"
         self.probe = Probe(self.model, self.sap.probe_layers)
-        self._safety_batches = self._cycle(safety_dataset, safety_batch_size)
+        self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
+        self._collate_pairs = PairCollator(self.processing_class)
+        self._safety_drawn = 0
+        self._safety_batches = self._cycle()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._s, self._s_step = None, None
         self._V, self._V_step = None, None
         self._ref = None  # reference mode: the probe as a parameter with its own AdamW
 
     # -- data --------------------------------------------------------------------------------------
-    def _cycle(self, dataset, batch_size: int):
+    def _cycle(self, skip: int = 0):
+        """Endless safety batches, `skip` batches in (resume). Collated on use, so skipping only walks indices."""
         generator = torch.Generator().manual_seed(self.args.seed)  # own RNG: SFT's data order is untouched
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                            collate_fn=PairCollator(self.processing_class))
-        return itertools.chain.from_iterable(itertools.repeat(loader))
+        loader = DataLoader(self._safety_dataset, batch_size=self._safety_batch_size, shuffle=True,
+                            generator=generator, collate_fn=list)
+        return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), skip, None)
+
+    def _next_safety_batch(self) -> dict:
+        self._safety_drawn += 1
+        return self._prepare_inputs(self._collate_pairs(next(self._safety_batches)))
 
     def _seed(self, tag: int) -> int:
         return hash((self.args.seed, self.state.global_step, tag, self.accelerator.process_index)) % 2**31
@@ -64,15 +77,19 @@ class SAPTrainer(SafeprobeTrainer):
         with self.probe.active(V_safe):  # step 5: the ordinary step, under the safety-aware probe
             return super().training_step(model, inputs, num_items_in_batch)
 
-    def _harmful_perturbation(self, model, force: bool = False) -> list:
-        """Step 1 (every `safety_every` steps): s on a safety batch, probe off -> dW."""
+    def _harmful_perturbation(self, model, force: bool = False) -> list | None:
+        """Step 1 (every `safety_every` steps): s on a safety batch, probe off -> dW (None: s not finite)."""
         step = self.state.global_step
         if force or self._s is None or step - self._s_step >= self.sap.safety_every:
-            batch = self._prepare_inputs(next(self._safety_batches))
+            batch = self._next_safety_batch()
             with same_randomness(self._seed(1), batch["input_ids"].device):
                 s, safety_loss = safety_direction(model, self._params, batch, self.sap.safety_loss)
-            self._s, self._s_step = self._mean_across_ranks(s), step
-            self.record(safety_loss=safety_loss, s_norm=global_norm(self._s))
+            s = self._mean_across_ranks(s)
+            self.record(safety_loss=safety_loss, s_norm=global_norm(s))
+            if not all_finite([safety_loss, *s]):
+                self.flag_bad_step("safety direction")
+                return None
+            self._s, self._s_step = s, step
         delta, eps = perturbation(self._params, self._s, self.sap.eps, self.sap.eps_mode)
         self.record(eps=eps)
         return delta
@@ -82,10 +99,15 @@ class SAPTrainer(SafeprobeTrainer):
         if self._V is not None and step != self._V_step and (step - self._V_step) < self.sap.probe_every:
             return self._V  # amortised: reuse the last V_safe
         delta = self._harmful_perturbation(model)
+        if delta is None:
+            return None  # the step is skipped anyway
         with self.probe.active(None):
             g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs,
                                                        self._seed(2))
         g_V = self._mean_across_ranks(g_V)
+        if not all_finite(g_V):
+            self.flag_bad_step("probe gradient")
+            return None
         self._V, self._V_step = safe_probe(g_V, self.sap.beta, self.sap.probe_norm), step
         self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(self._V), l_su=loss_perturbed - loss)
         return self._V
@@ -98,9 +120,14 @@ class SAPTrainer(SafeprobeTrainer):
         V_prev = [v.detach().clone() for v in self._ref]
         with self.probe.active(V_prev):  # the safety gradient is taken with the lagged probe still active
             delta = self._harmful_perturbation(model, force=self._s is None)
+        if delta is None:
+            return V_prev  # the step is skipped; the probe and its moments stay as they are
         g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs, self._seed(2),
                                                    at=V_prev)
         g_V = self._mean_across_ranks(g_V)
+        if not all_finite(g_V):
+            self.flag_bad_step("probe gradient")
+            return V_prev
         with torch.no_grad():  # next probe: zeroed, then one AdamW step ascending L_su (moments kept)
             for v, g in zip(self._ref, g_V):
                 v.zero_()
@@ -110,6 +137,34 @@ class SAPTrainer(SafeprobeTrainer):
         self._V = [v.detach().clone() for v in self._ref]  # used at the NEXT step
         self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(V_prev), l_su=loss_perturbed - loss)
         return V_prev
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def method_state(self) -> dict:
+        state = {**super().method_state(), "safety_batches_drawn": self._safety_drawn, "s_step": self._s_step,
+                 "V_step": self._V_step, **numbered("s", self._s), **numbered("V", self._V)}
+        if self._ref is not None:
+            opt = self._ref_opt.state_dict()
+            state.update(numbered("ref", self._ref), ref_opt_groups=opt["param_groups"])
+            state.update({f"ref_opt.{i}.{k}": v for i, moments in opt["state"].items() for k, v in moments.items()})
+        return state
+
+    def load_method_state(self, state: dict) -> None:
+        super().load_method_state(state)
+        device = self._params[0].device
+        self._safety_drawn = state["safety_batches_drawn"]
+        self._safety_batches = self._cycle(skip=self._safety_drawn)  # the same safety batches as an unbroken run
+        self._s, self._s_step = unnumbered(state, "s", device), state["s_step"]
+        self._V, self._V_step = unnumbered(state, "V", device), state["V_step"]
+        ref = unnumbered(state, "ref", device)
+        if ref is not None:
+            self._ref = [torch.nn.Parameter(v) for v in ref]
+            self._ref_opt = torch.optim.AdamW(self._ref, lr=self.sap.probe_lr)
+            moments = {}
+            for key, value in state.items():
+                if key.startswith("ref_opt."):
+                    _, index, name = key.split(".", 2)
+                    moments.setdefault(int(index), {})[name] = value
+            self._ref_opt.load_state_dict({"state": moments, "param_groups": state["ref_opt_groups"]})
 
     # -- diagnostics -------------------------------------------------------------------------------
     def before_optimizer_step(self) -> None:

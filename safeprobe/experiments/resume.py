@@ -1,0 +1,112 @@
+"""Rerunning a command after an interruption: training resumes from its last complete checkpoint, and
+pipeline stages that already finished are skipped.
+
+A training run records its configuration in `run_config.json` when it starts; `--resume` only continues
+checkpoints written under the same trajectory-relevant settings (everything except where and how often it
+logs, saves or gives up).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from ..io import sha256_json, write_json, write_text
+from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.json"
+STAGE_FILE = "stage.json"
+# Settings that may differ between a run and its resumption: they do not change the trained weights.
+NOT_TRAJECTORY = frozenset({"output_dir", "resume", "logging_steps", "save_steps", "report_to", "max_bad_steps"})
+
+
+def trajectory(cfg) -> dict:
+    """The settings that determine the trained weights, JSON-normalised (as they are read back)."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAJECTORY}
+    return json.loads(json.dumps(values, default=str))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def finished_run(cfg, out: Path) -> dict | None:
+    """With --resume: the manifest of a run of this configuration that already finished in `out`."""
+    info = _read_json(out / "run.json") if cfg.resume else None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        return None
+    done = {k: v for k, v in info["config"].items() if k not in NOT_TRAJECTORY}
+    return info if done == trajectory(cfg) else None
+
+
+def resume_point(cfg, out: Path) -> Path | None:
+    """With --resume: the last complete checkpoint in `out`, checked to belong to this configuration."""
+    if not cfg.resume:
+        return None
+    saved, last = _read_json(out / RUN_CONFIG), last_complete_checkpoint(out)
+    if isinstance(saved, dict):
+        changed = sorted(k for k, v in trajectory(cfg).items() if saved.get(k) != v)
+        if changed:
+            raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}); resume with the "
+                            "same settings, or rerun without --resume to start over")
+    elif last is not None:
+        raise UserError(f"{out / RUN_CONFIG} is missing or unreadable: cannot check that {last} belongs to this "
+                        "configuration; rerun without --resume to start over")
+    if last is None:
+        log.warning("%s: no complete checkpoint to resume from; starting from scratch", out)
+    return last
+
+
+def start_fresh(cfg, out: Path) -> None:
+    """A new run in `out`: forget a previous run's log, manifest and checkpoints, record this configuration."""
+    for name in ("train_log.jsonl", "run.json"):
+        (out / name).unlink(missing_ok=True)
+    folders = checkpoint_folders(out)
+    if folders:
+        log.warning("%s: starting over, removing %d checkpoint(s) of an earlier run (--resume continues one)", out,
+                    len(folders))
+    for folder in folders:
+        shutil.rmtree(folder)
+    write_json(out / RUN_CONFIG, trajectory(cfg))
+
+
+def prepare_resume(out: Path, checkpoint: Path) -> None:
+    """Before resuming: drop the log rows of steps after `checkpoint` (they are redone) and any torn last line."""
+    (out / "run.json").unlink(missing_ok=True)
+    path = out / "train_log.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step_of(checkpoint):
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
+
+
+def run_stage(folder: str | Path, settings: dict, run: Callable[[], dict]) -> dict:
+    """`run()`'s result, or the recorded one if this stage already finished in `folder` with the same settings.
+
+    The record (`stage.json`) is written last and atomically: an interrupted stage is simply run again.
+    """
+    marker = Path(folder) / STAGE_FILE
+    digest = sha256_json(settings)
+    done = _read_json(marker)
+    if isinstance(done, dict) and done.get("settings_sha256") == digest and "result" in done:
+        log.warning("%s: already done, skipped (delete %s to redo it)", folder, marker)
+        return done["result"]
+    result = run()
+    write_json(marker, {"settings_sha256": digest, "settings": settings, "result": result})
+    return result

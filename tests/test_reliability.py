@@ -1,0 +1,270 @@
+"""Reliability: kill -9 then --resume reaches the uninterrupted adapter; non-finite steps are skipped, and too
+many in a row stop the run; output directories are locked and checked before any training."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import safeprobe.experiments.train as train_module
+from safeprobe.cli.main import main
+from safeprobe.errors import UserError
+from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.io import output_lock
+from safeprobe.method import base, sap_trainer
+from safeprobe.method.checkpoint import STATE_JSON, last_complete_checkpoint
+
+RESUME_TOLERANCE = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["good", "bad", "fine", "awful", "great", "dull", "nice", "poor"]
+
+
+def data_files(root: Path) -> dict:
+    """Short task examples and safety pairs: a few tokens each keeps every step cheap."""
+    task, pairs = root / "task.jsonl", root / "pairs.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Is '{w}' positive?", "completion": "yes" if i % 2 else "no"})
+                            + "\n" for i, w in enumerate(WORDS)))
+    pairs.write_text("".join(json.dumps({"prompt": f"How do I hurt {w}?", "safe": "I can't help with that.",
+                                         "harmful": f"Hit {w} hard."}) + "\n" for w in WORDS))
+    return {"task": str(task), "safety_data": str(pairs)}
+
+
+def settings(root: Path, method: str, **overrides) -> dict:
+    # lora_dropout > 0: the resumed run must also restore the RNG that draws the dropout masks
+    return {"method": method, "model": "tiny-random-llama", "n": 8, "n_safety": 8, "max_steps": 6, "save_steps": 2,
+            "batch_size": 2, "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "lora_dropout": 0.1,
+            "lr": 1e-2, "eps": 0.05, "beta": 1.0, "logging_steps": 1, **data_files(root), **overrides}
+
+
+def flags(values: dict) -> list[str]:
+    return [item for key, value in values.items() for item in ("--" + key.replace("_", "-"), str(value))]
+
+
+def adapter(out: Path) -> dict:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def step_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before writing {path}"
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+def half_written_copy(source: Path, target: Path) -> None:
+    """What a kill in the middle of a checkpoint write leaves: files present, one cut short, no marker."""
+    shutil.copytree(source, target)
+    (target / STATE_JSON).unlink()
+    optimizer = target / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("method", ["sft", "sap"])
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
+    values = settings(tmp_path, method)
+    run_train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
+
+    out = tmp_path / "killed"
+    argv = ["train", *flags(values), "--output-dir", str(out)]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "safeprobe.cli.main", *argv], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_for(out / "checkpoint-2" / STATE_JSON, proc)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "run.json").exists()  # killed mid-run
+    half_written_copy(out / "checkpoint-2", out / "checkpoint-5")  # never a resume point: no marker
+
+    assert main([*argv, "--resume"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    resumed_at = int(Path(info["resumed_from"]).name.split("-")[1])
+    assert resumed_at in (2, 4) and info["global_steps"] == 6
+    whole, resumed = adapter(tmp_path / "whole"), adapter(out)
+    diff = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
+    print(f"\n{method}: resumed at step {resumed_at}, max |adapter difference| = {diff:.3g}")
+    assert step_log(out) == step_log(tmp_path / "whole")  # same losses and, for SAP, the same safety batches
+    assert whole.keys() == resumed.keys() and diff <= RESUME_TOLERANCE
+
+
+def test_resume_refuses_other_settings_and_does_not_repeat_a_finished_run(tmp_path, monkeypatch):
+    values = settings(tmp_path, "sft", max_steps=2, save_steps=1)
+    out = tmp_path / "run"
+    first = run_train(TrainConfig(output_dir=str(out), **values))
+    with pytest.raises(UserError, match="different settings \(lr\)"):
+        run_train(TrainConfig(output_dir=str(out), resume=True, **{**values, "lr": 0.5}))
+    monkeypatch.setattr(train_module, "build_trainer", lambda *a, **k: pytest.fail("trained again"))
+    assert run_train(TrainConfig(output_dir=str(out), resume=True, **values)) == first
+
+
+class Snapshots(TrainerCallback):
+    """The trainable tensors after every optimiser step, and the optimiser at the end."""
+
+    def __init__(self):
+        self.params, self.optimizer, self.trainer = {}, None, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params[state.global_step] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = optimizer
+
+
+@pytest.fixture
+def snapshots(monkeypatch):
+    callback, build = Snapshots(), train_module.build_trainer
+
+    def build_with_snapshots(*args, **kwargs):
+        callback.trainer = build(*args, **kwargs)
+        callback.trainer.add_callback(callback)
+        return callback.trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_snapshots)
+    return callback
+
+
+NAN = float("nan")
+
+
+def poison_loss(loss):
+    return loss * NAN  # inside the graph: the gradient is NaN too
+
+
+def poison_first(out):
+    return ([t * NAN for t in out[0]], *out[1:])  # s of safety_direction, g_V of probe_gradient
+
+
+def nan_on_calls(function, calls: set, poison):
+    """`function`, whose result is poisoned with NaN on the given call numbers (1 = first call)."""
+    count = [0]
+
+    def poisoned(*args, **kwargs):
+        count[0] += 1
+        out = function(*args, **kwargs)
+        return poison(out) if count[0] in calls else out
+    return poisoned
+
+
+@pytest.mark.parametrize("method, target, reason", [
+    ("sft", "response_loss", "task loss, gradient"),
+    ("sap", "safety_direction", "safety direction"),
+    ("sap", "probe_gradient", "probe gradient"),
+])
+def test_a_nan_step_is_skipped_and_logged(tmp_path, monkeypatch, snapshots, method, target, reason):
+    module, poison = (base, poison_loss) if target == "response_loss" else (sap_trainer, poison_first)
+    monkeypatch.setattr(module, target, nan_on_calls(getattr(module, target), {2}, poison))
+    info = run_train(TrainConfig(output_dir=str(tmp_path / "out"), **settings(tmp_path, method, max_steps=4)))
+    assert info["global_steps"] == 4
+    skipped = {row["step"]: row.get("skipped") for row in step_log(tmp_path / "out")}
+    assert skipped == {1: None, 2: reason, 3: None, 4: None}
+    params = snapshots.params
+    assert all(torch.equal(a, b) for a, b in zip(params[1], params[2]))  # the bad step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(params[2], params[3]))  # the next one trains again
+    assert all(torch.isfinite(p).all() for p in params[4])
+    steps_taken = {int(s["step"]) for s in snapshots.optimizer.state_dict()["state"].values()}
+    assert steps_taken == {3}  # AdamW stepped 3 times in 4 steps: its moments skipped the bad step too
+    if method == "sap":  # nothing non-finite was cached for later steps
+        assert base.all_finite(snapshots.trainer._s) and base.all_finite(snapshots.trainer._V)
+
+
+def test_too_many_bad_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(base, "response_loss", nan_on_calls(base.response_loss, set(range(3, 100)), poison_loss))
+    out = tmp_path / "out"
+    code = main(["train", *flags(settings(tmp_path, "sft", max_bad_steps=2)), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("safeprobe: error: ")  # after the progress bar
+    assert code == 3 and len(err) == 2, err
+    assert err[1].startswith("training stopped at step 4: 2 steps in a row had a non-finite task loss"), err
+    assert "the last good checkpoint is " + str(out / "checkpoint-2") in err[1]
+    assert last_complete_checkpoint(out) == out / "checkpoint-2" and not (out / "checkpoint-4").exists()
+    assert all(torch.isfinite(t).all() for t in adapter(out / "checkpoint-2").values())
+    assert not (out / "run.json").exists()
+    with output_lock(out):  # released on the way out
+        pass
+
+
+def test_a_second_run_in_the_same_output_directory_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "load_model", lambda *a: pytest.fail("loaded a model"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with output_lock(out):
+        code = main(["train", *flags(settings(tmp_path, "sft")), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is in use by another safeprobe run" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_lock_whose_holder_was_killed_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from safeprobe.io import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="in use"):
+            with output_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".safeprobe.lock").exists()  # the file stays, the lock does not
+    with output_lock(tmp_path):
+        pass
+
+
+def test_an_unwritable_output_directory_is_reported_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "load_model", lambda *a: pytest.fail("loaded a model"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = main(["train", *flags(settings(tmp_path, "sft")), "--output-dir", str(blocker / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "output directory is not writable" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_rerun_demo_skips_the_stages_that_finished(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from safeprobe.experiments import demo
+
+    calls, crash = [], ["sap/eval"]
+
+    def fake_eval(model, adapter=None, output_dir=None, **settings):
+        calls.append(Path(output_dir).relative_to(tmp_path).as_posix())
+        if calls[-1] in crash:
+            crash.clear()
+            raise MemoryError("interrupted in the last stage")
+        return {"suites": {"jbb-harmful": {"metric": "harmful_score", "harmful_score": 0.5, "ci95": [0.2, 0.8],
+                                           "n": 4, "judge": "keyword"}}}
+
+    def fake_train(cfg):
+        assert cfg.resume  # an interrupted training run continues from its checkpoints
+        calls.append(f"train {cfg.method}")
+        weights = Path(cfg.output_dir) / "adapter_model.safetensors"
+        if not weights.exists():  # like run_train: a finished run is not repeated
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            weights.write_bytes(cfg.method.encode())
+
+    monkeypatch.setattr(demo, "run_eval", fake_eval)
+    monkeypatch.setattr(demo, "run_train", fake_train)
+    cfg, console = demo.DemoConfig(output_dir=str(tmp_path), quick=True), Console(quiet=True)
+    with pytest.raises(MemoryError):
+        demo.run_demo(cfg, console)
+    assert calls == ["base", "train sft", "sft/eval", "train sap", "sap/eval"]
+    calls.clear()
+    results = demo.run_demo(cfg, console)
+    assert calls == ["train sft", "train sap", "sap/eval"]  # base and sft evaluations were not redone
+    assert set(results) == {"base", "sft", "sap"}
+    (tmp_path / "sft" / "adapter_model.safetensors").write_bytes(b"retrained")
+    calls.clear()
+    demo.run_demo(cfg, console)
+    assert calls == ["train sft", "sft/eval", "train sap"]  # a changed adapter is evaluated again
