@@ -11,6 +11,8 @@ from rich.console import Console
 from ..errors import UserError
 from . import config as cfgmod
 from .data_cmd import DataShowConfig, data_list, data_show
+from .eval_cmd import (EvalConfig, JudgeTrainConfig, JudgeValidateConfig, run_eval_command, run_judge_train,
+                       run_judge_validate)
 
 COMMANDS = {}  # name -> (help, config dataclass or None, handler(cfg, console))
 
@@ -43,6 +45,23 @@ def _train(cfg, console):
     info = run_train(cfg)
     console.print(f"[green]done[/green]: {info['method']} {info['global_steps']} steps, "
                   f"train loss {info['train_loss']:.4f}, {info['wall_time_s']} s -> {cfg.output_dir}")
+
+
+@command("eval", "answer suites of prompts and judge them: harmful score, over-refusal, task accuracy", EvalConfig)
+def _eval(cfg, console):
+    run_eval_command(cfg, console)
+
+
+@command("judge train", "build the offline moderation judge into the cache (a few minutes on CPU)",
+         JudgeTrainConfig)
+def _judge_train(cfg, console):
+    run_judge_train(cfg, console)
+
+
+@command("judge validate", "agreement of a judge with human labels (last line: the accuracy)",
+         JudgeValidateConfig)
+def _judge_validate(cfg, console):
+    run_judge_validate(cfg, console)
 
 
 def _demo_config():

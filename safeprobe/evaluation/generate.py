@@ -42,15 +42,30 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    return {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+
+
+def _until_stop(ids: list[int], stop: set[int]) -> list[int]:
+    """New tokens up to and including the first stop token (a finished row is padded after it)."""
+    for n, token in enumerate(ids):
+        if token in stop:
+            return ids[:n + 1]
+    return ids
+
+
 @torch.no_grad()
-def generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
-             desc: str = "generating", progress: bool = True) -> list[str]:
-    """Greedy answers to each chat (list of messages), in input order, special tokens stripped."""
+def generate_ids(model, tokenizer, chats: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
+                 desc: str = "generating", progress: bool = True) -> list[list[int]]:
+    """Greedy new-token ids for each chat (list of messages), in input order, cut after the stop token."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     encoded = [prompt_ids(tokenizer, chat) for chat in chats]
-    answers: list[str] = [""] * len(encoded)
+    new_ids: list[list[int]] = [[] for _ in encoded]
     device = next(model.parameters()).device
+    stop = _stop_ids(model, tokenizer)
     batches = length_batches([len(ids) for ids in encoded], batch_size)
     with eval_mode(model), left_padding(tokenizer):
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress or not batches):
@@ -59,5 +74,12 @@ def generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int = 12
                                  pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None)
             width = batch["input_ids"].shape[1]
             for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return answers
+                new_ids[i] = _until_stop(out[row, width:].tolist(), stop)
+    return new_ids
+
+
+def generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
+             desc: str = "generating", progress: bool = True) -> list[str]:
+    """Greedy answers to each chat, in input order, special tokens stripped (see `generate_ids`)."""
+    ids = generate_ids(model, tokenizer, chats, max_new_tokens, batch_size, desc, progress)
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]

@@ -1,22 +1,19 @@
 """`evaluate` (a loaded model) and `run_eval` (a model spec + optional adapter, written to a directory)."""
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 import torch
 
 from ..data.tokenize import collator, encode
+from ..errors import UserError
 from ..method.losses import token_logprobs
 from .generate import eval_mode, generate
-from ..errors import UserError
 from .judges import Judge, KeywordJudge, get_judge
 from .metrics import fraction
 from .report import write_report
 from .suites import HARMFUL, OVER_REFUSAL, TASK, get_suite
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SUITES = ("jbb-harmful", "jbb-benign")
 DEFAULT_JUDGES = ("keyword",)

@@ -59,3 +59,20 @@ def validate_judge(name: str | Judge, output_dir=None, heldout: bool = True) -> 
                             ensure_ascii=False) for g, r, y, v in zip(goals, responses, labels, verdicts)]
         write_text(Path(output_dir) / "judge-validation.jsonl", "\n".join(lines) + "\n")
     return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Human-readable lines of a `validate_judge` report (for the command line)."""
+    def line(label: str, a: dict) -> str:
+        return (f"{label}: accuracy {100 * a['accuracy']:.1f}% ({a['correct']}/{a['n']}), "
+                f"false positives {100 * a['fpr']:.1f}%, false negatives {100 * a['fnr']:.1f}%")
+    lines = [f"judge {report['judge']}: {report['description']}",
+             line("human majority, jbb-judge-comparison", report["human_labelled"])]
+    for part, a in (report.get("heldout") or {}).items():
+        lines.append(line(f"held-out split ({part})", a) if isinstance(a, dict)
+                     else f"held-out split, {part.replace('_', ' ')} over sources: {100 * a:.1f}%")
+    refs = report.get("reference_judges_accuracy") or {}
+    if refs:
+        lines.append("other judges on the same 100 (from the file): "
+                     + ", ".join(f"{k} {100 * v:.0f}%" for k, v in refs.items()))
+    return lines
