@@ -37,8 +37,9 @@ def data_files(root: Path) -> dict:
 
 
 def settings(root: Path, method: str, **overrides) -> dict:
-    # lora_dropout > 0: the resumed run must also restore the RNG that draws the dropout masks
-    return {"method": method, "model": "tiny-random-llama", "n": 8, "n_safety": 8, "max_steps": 6, "save_steps": 2,
+    # lora_dropout > 0: the resumed run must also restore the RNG that draws the dropout masks. 6 examples and
+    # 6 pairs in batches of 2: step 4 starts a new epoch of both the task data and the safety batches.
+    return {"method": method, "model": "tiny-random-llama", "n": 6, "n_safety": 6, "max_steps": 4, "save_steps": 2,
             "batch_size": 2, "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "lora_dropout": 0.1,
             "lr": 1e-2, "eps": 0.05, "beta": 1.0, "logging_steps": 1, **data_files(root), **overrides}
 
@@ -87,15 +88,14 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "run.json").exists()  # killed mid-run
-    half_written_copy(out / "checkpoint-2", out / "checkpoint-5")  # never a resume point: no marker
+    half_written_copy(out / "checkpoint-2", out / "checkpoint-3")  # never a resume point: no marker
 
     assert main([*argv, "--resume"]) == 0
     info = json.loads((out / "run.json").read_text())
-    resumed_at = int(Path(info["resumed_from"]).name.split("-")[1])
-    assert resumed_at in (2, 4) and info["global_steps"] == 6
+    assert info["resumed_from"] == str(out / "checkpoint-2") and info["global_steps"] == 4
     whole, resumed = adapter(tmp_path / "whole"), adapter(out)
     diff = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
-    print(f"\n{method}: resumed at step {resumed_at}, max |adapter difference| = {diff:.3g}")
+    print(f"\n{method}: resumed at step 2 of 4, max |adapter difference| = {diff:.3g}")
     assert step_log(out) == step_log(tmp_path / "whole")  # same losses and, for SAP, the same safety batches
     assert whole.keys() == resumed.keys() and diff <= RESUME_TOLERANCE
 
@@ -104,7 +104,7 @@ def test_resume_refuses_other_settings_and_does_not_repeat_a_finished_run(tmp_pa
     values = settings(tmp_path, "sft", max_steps=2, save_steps=1)
     out = tmp_path / "run"
     first = run_train(TrainConfig(output_dir=str(out), **values))
-    with pytest.raises(UserError, match="different settings \(lr\)"):
+    with pytest.raises(UserError, match=r"different settings \(lr\)"):
         run_train(TrainConfig(output_dir=str(out), resume=True, **{**values, "lr": 0.5}))
     monkeypatch.setattr(train_module, "build_trainer", lambda *a, **k: pytest.fail("trained again"))
     assert run_train(TrainConfig(output_dir=str(out), resume=True, **values)) == first
@@ -166,16 +166,16 @@ def nan_on_calls(function, calls: set, poison):
 def test_a_nan_step_is_skipped_and_logged(tmp_path, monkeypatch, snapshots, method, target, reason):
     module, poison = (base, poison_loss) if target == "response_loss" else (sap_trainer, poison_first)
     monkeypatch.setattr(module, target, nan_on_calls(getattr(module, target), {2}, poison))
-    info = run_train(TrainConfig(output_dir=str(tmp_path / "out"), **settings(tmp_path, method, max_steps=4)))
-    assert info["global_steps"] == 4
+    info = run_train(TrainConfig(output_dir=str(tmp_path / "out"), **settings(tmp_path, method, max_steps=3)))
+    assert info["global_steps"] == 3
     skipped = {row["step"]: row.get("skipped") for row in step_log(tmp_path / "out")}
-    assert skipped == {1: None, 2: reason, 3: None, 4: None}
+    assert skipped == {1: None, 2: reason, 3: None}
     params = snapshots.params
     assert all(torch.equal(a, b) for a, b in zip(params[1], params[2]))  # the bad step changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(params[2], params[3]))  # the next one trains again
-    assert all(torch.isfinite(p).all() for p in params[4])
+    assert all(torch.isfinite(p).all() for p in params[3])
     steps_taken = {int(s["step"]) for s in snapshots.optimizer.state_dict()["state"].values()}
-    assert steps_taken == {3}  # AdamW stepped 3 times in 4 steps: its moments skipped the bad step too
+    assert steps_taken == {2}  # AdamW stepped twice in 3 steps: its moments skipped the bad step too
     if method == "sap":  # nothing non-finite was cached for later steps
         assert base.all_finite(snapshots.trainer._s) and base.all_finite(snapshots.trainer._V)
 
@@ -183,7 +183,8 @@ def test_a_nan_step_is_skipped_and_logged(tmp_path, monkeypatch, snapshots, meth
 def test_too_many_bad_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(base, "response_loss", nan_on_calls(base.response_loss, set(range(3, 100)), poison_loss))
     out = tmp_path / "out"
-    code = main(["train", *flags(settings(tmp_path, "sft", max_bad_steps=2)), "--output-dir", str(out)])
+    values = settings(tmp_path, "sft", max_steps=6, max_bad_steps=2)
+    code = main(["train", *flags(values), "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()[-1].split("safeprobe: error: ")  # after the progress bar
     assert code == 3 and len(err) == 2, err
     assert err[1].startswith("training stopped at step 4: 2 steps in a row had a non-finite task loss"), err

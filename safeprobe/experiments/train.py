@@ -114,7 +114,8 @@ def check_output_dir(path: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise UserError(f"{path!r}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
+        shown = str(path) if str(path).isprintable() else repr(str(path))
+        raise UserError(f"{shown}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
     return path
 
 

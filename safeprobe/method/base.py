@@ -96,8 +96,8 @@ class SafeprobeTrainer(Trainer):
             last = checkpoint.last_complete_checkpoint(self.args.output_dir)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-steps)"
             raise TrainingDiverged(f"training stopped at step {step}: {self._bad_steps} steps in a row had a "
-                                   f"non-finite {self._skipped}; {kept}. Lower the learning rate (or eps/beta) "
-                                   "and rerun, or resume from the checkpoint")
+                                   f"non-finite {self._skipped}; {kept}. Lower the learning rate (or SAP's "
+                                   "eps/beta) and rerun")
 
     def _all_ranks_agree_bad(self, bad: bool) -> bool:
         """Under DDP every rank must skip the same steps; one bad rank makes the step bad everywhere."""
