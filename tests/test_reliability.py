@@ -56,10 +56,11 @@ def step_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"training exited ({proc.returncode}) before writing {path}"
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before writing {path}: " \
+                                    f"{log.read_text()[-2000:]}"
         assert time.time() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.01)
 
@@ -79,11 +80,12 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
 
     out = tmp_path / "killed"
     argv = ["train", *flags(values), "--output-dir", str(out)]
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "safeprobe.cli.main", *argv], cwd=REPO, stdout=log,
+    log = tmp_path / "killed.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "safeprobe.cli.main", *argv], cwd=REPO, stdout=log_file,
                                 stderr=subprocess.STDOUT)
         try:
-            wait_for(out / "checkpoint-2" / STATE_JSON, proc)
+            wait_for(out / "checkpoint-2" / STATE_JSON, proc, log)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
