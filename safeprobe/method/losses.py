@@ -1,6 +1,8 @@
 """Losses shared by every method: teacher-forced response loss and the contrastive safety losses."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -14,21 +16,34 @@ def _model_inputs(batch: dict) -> dict:
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(label) and the response mask, shape [batch, seq-1].
 
-    Logits are only materialised from the first response position on (the vocabulary head dominates the
-    cost of small models); the result is exact because earlier positions carry no label.
+    The vocabulary head runs only at the positions that predict a response token (it dominates the cost of
+    small models, and prompts, padding and short answers beside long ones would otherwise be scored too);
+    the result is exact because the other positions carry no label.
     """
-    labels = batch["labels"]
-    has_label = (labels != IGNORE).any(dim=0)
-    first = int(has_label.nonzero()[0]) if has_label.any() else labels.shape[1] - 1
-    keep = labels.shape[1] - max(first - 1, 0)
-    logits = model(**_model_inputs(batch), logits_to_keep=keep).logits
-    logits = logits[:, -keep:, :]
-    targets = labels[:, labels.shape[1] - keep + 1:]
-    logits = logits[:, :-1, :]
+    targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
+    rows, cols = mask.nonzero(as_tuple=True)
+    with _head_only_at(model, rows, cols):
+        # [labelled positions, vocab]; squeeze is a view both ways ([0] would zero-fill a logits-sized gradient)
+        logits = model(**_model_inputs(batch)).logits.squeeze(0)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 softmax even under bf16
-    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
-    return logp * mask, mask
+    logp = -F.cross_entropy(logits, targets[rows, cols], reduction="none")
+    return logp.new_zeros(mask.shape).index_put((rows, cols), logp), mask
+
+
+@contextlib.contextmanager
+def _head_only_at(model, rows: torch.Tensor, cols: torch.Tensor):
+    """Feed the output head the hidden states at (rows, cols) only, as one sequence: logits [1, n, vocab].
+
+    A pre-hook on the head rather than our own head call, so whatever the model applies after its head
+    (logit scaling, soft-capping) still applies.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # `module`: a DDP-wrapped model
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols].unsqueeze(0), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def response_loss(model, batch: dict) -> torch.Tensor:

@@ -13,6 +13,7 @@ Steps 1-4 live here; step 5 is the ordinary training step, taken by the trainer 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,10 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def global_norm(tensors) -> torch.Tensor:
-    return torch.sqrt(sum(at_least_fp32(t.detach()).pow(2).sum() for t in tensors))
+    """One L2 norm over all tensors, in at least fp32 (fused multi-tensor kernels: no per-tensor launches)."""
+    tensors = [t.detach() for t in tensors]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
 def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "paper"):
@@ -77,22 +81,48 @@ def perturbation(params: list, s: list, eps: float, eps_mode: str) -> tuple[list
     eps_abs = eps * float(global_norm(params)) if eps_mode == "relative" else eps
     if eps_abs == 0 or s_norm == 0:
         return [torch.zeros_like(g) for g in s], 0.0
-    return [g * (eps_abs / s_norm) for g in s], eps_abs
+    return list(torch._foreach_mul(s, eps_abs / s_norm)), eps_abs
 
 
 @contextlib.contextmanager
 def perturbed(params: list, delta: list):
     """W <- W + dW (in fp32) inside the block; on exit every tensor is restored bit-exactly from a copy."""
-    saved = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, d in zip(params, delta):
-            p.copy_((at_least_fp32(p) + d).to(p.dtype))
+        saved = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(saved, params)
+        _add_in_at_least_fp32(params, delta)
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, original in zip(params, saved):
-                p.copy_(original)
+            torch._foreach_copy_(params, saved)
+
+
+def _add_in_at_least_fp32(params: list, delta: list) -> None:
+    """params += delta, rounding once to each parameter's dtype (fused for the usual fp32/fp64 parameters)."""
+    same = [(p, d) for p, d in zip(params, delta) if p.dtype == d.dtype]
+    if same:
+        torch._foreach_add_([p for p, _ in same], [d for _, d in same])
+    for p, d in zip(params, delta):
+        if p.dtype != d.dtype:  # a bf16/fp16 parameter: add in fp32, round once
+            p.copy_((at_least_fp32(p) + d).to(p.dtype))
+
+
+@contextlib.contextmanager
+def frozen(params: list):
+    """requires_grad off on `params` inside the block, restored exactly on exit.
+
+    For the passes that differentiate only the probe: no graph is recorded for the weights, so the layers
+    below the lowest probed layer build none at all and the backward stops there (time and memory).
+    """
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -112,7 +142,7 @@ def probe_gradient(model, probe, params: list, delta: list, batch: dict, seed: i
     device = batch["input_ids"].device
     V = [v.detach().clone().requires_grad_(True) for v in at] if at is not None \
         else probe.zeros(batch["input_ids"], requires_grad=True)
-    with probe.active(V):
+    with probe.active(V), frozen(params):
         with same_randomness(seed, device), perturbed(params, delta):
             loss_perturbed = response_loss(model, batch)
             g_perturbed = torch.autograd.grad(loss_perturbed, V)

@@ -1,0 +1,117 @@
+"""SAP's fast paths compute exactly what the straightforward computation does (fp64, tiny models)."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import lora_model, pair_batch, task_batch
+from safeprobe.method.losses import response_loss, token_logprobs
+from safeprobe.method.probe import Probe
+from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, same_randomness, \
+    safety_direction
+from safeprobe.model import decoder_layers
+
+
+def params_of(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def full_logits_logprobs(model, batch):
+    """The textbook computation: logits at every position, shifted by one, masked."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return logp * mask, mask
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_head_at_response_positions_only_gives_the_full_logits_result(name):
+    model, tok = lora_model(name)
+    model.eval()
+    for batch in (task_batch(tok), pair_batch(tok)):  # pairs: short and long answers in one padded batch
+        fast, mask = token_logprobs(model, batch)
+        slow, slow_mask = full_logits_logprobs(model, batch)
+        assert torch.equal(mask, slow_mask) and mask.sum() > 0
+        assert torch.allclose(fast, slow, rtol=0, atol=1e-12), float((fast - slow).abs().max())
+        grads = [torch.autograd.grad(lp.sum(), params_of(model)) for lp in (fast, slow)]
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads))
+
+
+def straightforward_probe_gradient(model, probe, params, delta, batch, seed):
+    """g_V with the weights still requiring grad: autograd records their graph in every layer."""
+    V = probe.zeros(batch["input_ids"], requires_grad=True)
+    with probe.active(V):
+        with same_randomness(seed, batch["input_ids"].device), perturbed(params, delta):
+            g_perturbed = torch.autograd.grad(response_loss(model, batch), V)
+        with same_randomness(seed, batch["input_ids"].device):
+            g_clean = torch.autograd.grad(response_loss(model, batch), V)
+    return [a - b for a, b in zip(g_perturbed, g_clean)]
+
+
+@pytest.mark.parametrize("lora_r", [4, 0])  # 0: full fine-tuning, every weight trainable
+def test_probe_passes_with_frozen_weights_give_the_straightforward_g_V(lora_r):
+    model, tok = lora_model(dropout=0.1) if lora_r else _full_model()
+    probe, batch, params = Probe(model, "1,2"), task_batch(tok), params_of(model)
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, _ = perturbation(params, s, 1e-3, "absolute")
+    fast, _, _ = probe_gradient(model, probe, params, delta, batch, seed=5)
+    slow = straightforward_probe_gradient(model, probe, params, delta, batch, seed=5)
+    error = float(global_norm([a - b for a, b in zip(fast, slow)]) / global_norm(slow))
+    print(f"relative error of g_V, frozen vs straightforward: {error:.2e}")
+    assert global_norm(slow) > 0 and error < 1e-6
+
+
+def _full_model():
+    from safeprobe.model import load_model, prepare_full_finetune
+    model, tok = load_model("tiny-random-llama")
+    model = prepare_full_finetune(model.to(torch.float64))
+    model.train()
+    return model, tok
+
+
+def test_probe_passes_record_no_graph_below_the_lowest_probed_layer_and_restore_flags():
+    model, tok = lora_model(dropout=0.1)
+    probe, batch, params = Probe(model, "2,3"), task_batch(tok), params_of(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, _ = perturbation(params, s, 1e-3, "absolute")
+    with graph_recorded_per_layer(model) as seen:
+        probe_gradient(model, probe, params, delta, batch, seed=0)
+    assert seen == {0: False, 1: False, 2: True, 3: True}  # a graph only from the first probed layer up
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    with graph_recorded_per_layer(model) as seen:
+        response_loss(model, batch)  # outside the probe passes, the weights' graph is recorded again
+    assert seen == {0: True, 1: True, 2: True, 3: True}
+
+
+@contextlib.contextmanager
+def graph_recorded_per_layer(model):
+    """{layer index: whether its output (probe included) is part of an autograd graph}, first pass only."""
+    seen = {}
+
+    def hook(index):
+        def record(module, args, output):
+            seen.setdefault(index, (output[0] if isinstance(output, tuple) else output).requires_grad)
+        return record
+    handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(decoder_layers(model))]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_fused_norm_and_perturbation_match_the_per_tensor_formulas():
+    model, tok = lora_model()
+    params = params_of(model)
+    assert torch.allclose(global_norm(params), torch.sqrt(sum(p.detach().pow(2).sum() for p in params)),
+                          rtol=1e-14, atol=0)
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, eps = perturbation(params, s, 0.05, "relative")
+    assert abs(float(global_norm(delta)) - eps) < 1e-12 * eps
+    before = [p.detach().clone() for p in params]
+    with perturbed(params, delta):
+        assert all(torch.equal(p, b + d) for p, b, d in zip(params, before, delta))
