@@ -29,7 +29,7 @@ SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
-            "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1, "save_steps": 0, "warmup_steps": 0,
+            "lisa_align_steps": 1, "lisa_task_steps": 1, "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1, "save_steps": 0, "warmup_steps": 0,
             "weight_decay": 0, "lora_r": 0}
 
 
@@ -46,7 +46,9 @@ class TrainConfig:
     safety_data: str = _help("safety pairs (prompt, safe, harmful) for SAP: a name or a file", "pku-saferlhf-pairs")
     output_dir: str = _help("where the adapter, run.json and logs go", "runs/train")
     n: int = _help("number of useful examples used", 1000)
-    n_safety: int = _help("number of safety pairs used (paper: 50)", 50)
+    n_safety: int = _help("number of safety pairs (SAP; paper: 50) or safety demonstrations (SafeInstr, Lisa)", 50)
+    alignment_data: str = _help("SafeInstr/Lisa: harmful instruction -> refusal examples (a name or a file)",
+                                "safety-tuned-llamas")
     poison_ratio: float = _help("fraction of the n examples replaced by harmful (prompt, harmful answer) pairs", 0.0)
     poison_data: str = _help("where the harmful pairs for poisoning come from (name or file)", "pure-bad")
     seed: int = _help("seed of everything (data sample, LoRA init, dropout, order)", 42)
@@ -83,6 +85,10 @@ class TrainConfig:
     sap_mode: str = _help("SAP: paper (Algorithm 1) or reference (the authors' lagged schedule)", SAPConfig.mode)
     probe_lr: float = _help("SAP reference mode: probe AdamW learning rate", SAPConfig.probe_lr)
     safety_batch_size: int = _help("SAP: safety pairs per safety batch", 8)
+    # Lisa
+    rho: float = _help("Lisa: strength of the proximal term towards the other state's weights", 1.0)
+    lisa_align_steps: int = _help("Lisa: optimiser steps on alignment data per cycle", 10)
+    lisa_task_steps: int = _help("Lisa: optimiser steps on the task data per cycle", 90)
 
     def __post_init__(self):
         for name, valid in (("method", TRAINERS), ("lr_scheduler", [t.value for t in SchedulerType]),
@@ -92,6 +98,8 @@ class TrainConfig:
         for name, low in MINIMUMS.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.rho < 0:
+            raise UserError(f"rho must be >= 0, got {self.rho}")
         for name in ("lr", "epochs", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -164,15 +172,34 @@ def safety_features(cfg: TrainConfig, tokenizer) -> list[dict]:
     return encoded.features
 
 
+def safety_demos(cfg: TrainConfig, tokenizer) -> list[dict]:
+    """SafeInstr's and Lisa's alignment data: n_safety (harmful instruction -> refusal) examples, encoded."""
+    demos = sample(load_examples(cfg.alignment_data), cfg.n_safety, cfg.seed)
+    encoded = encode_all(tokenizer, demos, cfg.max_length)
+    if not encoded.features:
+        raise UserError(f"{cfg.alignment_data}: no usable examples within max_length={cfg.max_length}")
+    return encoded.features
+
+
+def method_kwargs(cfg: TrainConfig, tokenizer, safety=None) -> dict:
+    """The arguments a method's trainer takes beyond the Trainer's own."""
+    if cfg.method == "sap":
+        return dict(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
+                    safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer))
+    if cfg.method == "safeinstr":
+        return dict(safety_demos=safety_demos(cfg, tokenizer))
+    if cfg.method == "lisa":
+        return dict(alignment_dataset=safety_demos(cfg, tokenizer), rho=cfg.rho, align_steps=cfg.lisa_align_steps,
+                    task_steps=cfg.lisa_task_steps)
+    return {}
+
+
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None):
     """The method's trainer; SAP's encoded safety pairs come from `cfg.safety_data` unless given."""
     kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
                   data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
                   max_bad_steps=cfg.max_bad_steps)
-    if cfg.method == "sap":
-        kwargs.update(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
-                      safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer))
-    return TRAINERS[cfg.method](**kwargs)
+    return TRAINERS[cfg.method](**kwargs, **method_kwargs(cfg, tokenizer, safety))
 
 
 def save_model(model, out: Path) -> None:
@@ -223,10 +250,12 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
         trainer.probe.remove()  # the deployed model is f_W: no probe in what we save
     save_model(trainer.model, out)
     info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data=data_info,
-                    dropped_examples=encoded.dropped, n_train=len(encoded.features),
+                    dropped_examples=encoded.dropped, n_train=len(trainer.train_dataset),
                     train_loss=result.training_loss, global_steps=result.global_step,
                     resumed_from=str(checkpoint) if checkpoint else None, wall_time_s=round(time.time() - start, 2))
     if cfg.method == "sap":
         info["data"]["safety"] = fingerprint(cfg.safety_data, "train")
+    if cfg.method in ("safeinstr", "lisa"):
+        info["data"]["alignment"] = fingerprint(cfg.alignment_data)
     write_json(out / "run.json", info)
     return info

@@ -2,6 +2,7 @@
 against non-finite steps and checkpoints that carry the method's own state."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -77,15 +78,17 @@ class SafeprobeTrainer(Trainer):
         """Mark the current optimiser step as numerically broken (`what` was not finite): it will be skipped."""
         self._bad_reasons.append(what)
 
-    def guard_step(self) -> None:
-        """Before the optimiser step: skip it if anything in it was not finite; stop after too many in a row."""
+    def guard_step(self) -> bool:
+        """Before the optimiser step: skip it if anything in it was not finite; stop after too many in a row.
+
+        Returns whether the step goes ahead."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not all_finite([p.grad for p in params if p.grad is not None]):
             self.flag_bad_step("gradient")
         reasons, self._bad_reasons = list(dict.fromkeys(self._bad_reasons)), []
         if not self._all_ranks_agree_bad(bool(reasons)):
             self._bad_steps = 0
-            return
+            return True
         for p in params:  # the optimiser leaves a parameter without gradient untouched: weights and moments
             p.grad = None
         self._bad_steps += 1
@@ -98,6 +101,7 @@ class SafeprobeTrainer(Trainer):
             raise TrainingDiverged(f"training stopped at step {step}: {self._bad_steps} steps in a row had a "
                                    f"non-finite {self._skipped}; {kept}. Lower the learning rate (or SAP's "
                                    "eps/beta) and rerun")
+        return False
 
     def _all_ranks_agree_bad(self, bad: bool) -> bool:
         """Under DDP every rank must skip the same steps; one bad rank makes the step bad everywhere."""
@@ -161,8 +165,27 @@ class _FlushStepStats(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.guard_step()
-        self.trainer.before_optimizer_step()
+        if self.trainer.guard_step():
+            self.trainer.before_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.end_of_step()
+
+
+class EndlessBatches:
+    """Seeded endless batches of an auxiliary dataset (safety pairs, alignment examples).
+
+    Its own RNG leaves the task data order untouched; `drawn` counts the batches taken so that a resumed run,
+    built with `skip=drawn`, continues with exactly the batches an unbroken run would have drawn.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, collate, skip: int = 0):
+        from torch.utils.data import DataLoader
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=list)
+        self._rows = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), skip, None)
+        self._collate, self.drawn = collate, skip
+
+    def __next__(self) -> dict:
+        self.drawn += 1
+        return self._collate(next(self._rows))

@@ -15,13 +15,11 @@ s or g_V skips the step (see `SafeprobeTrainer`) and is never cached.
 """
 from __future__ import annotations
 
-import itertools
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..data.tokenize import PairCollator
-from .base import SafeprobeTrainer, all_finite
+from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .checkpoint import numbered, unnumbered
 from .probe import Probe
 from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
@@ -40,25 +38,19 @@ class SAPTrainer(SafeprobeTrainer):
             self.method_name = "sap-reference"
         self.probe = Probe(self.model, self.sap.probe_layers)
         self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
-        self._collate_pairs = PairCollator(self.processing_class)
-        self._safety_drawn = 0
-        self._safety_batches = self._cycle()
+        self._safety_batches = self._safety_stream()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._s, self._s_step = None, None
         self._V, self._V_step = None, None
         self._ref = None  # reference mode: the probe as a parameter with its own AdamW
 
     # -- data --------------------------------------------------------------------------------------
-    def _cycle(self, skip: int = 0):
-        """Endless safety batches, `skip` batches in (resume). Collated on use, so skipping only walks indices."""
-        generator = torch.Generator().manual_seed(self.args.seed)  # own RNG: SFT's data order is untouched
-        loader = DataLoader(self._safety_dataset, batch_size=self._safety_batch_size, shuffle=True,
-                            generator=generator, collate_fn=list)
-        return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), skip, None)
+    def _safety_stream(self, skip: int = 0) -> EndlessBatches:
+        return EndlessBatches(self._safety_dataset, self._safety_batch_size, self.args.seed,
+                              PairCollator(self.processing_class), skip)
 
     def _next_safety_batch(self) -> dict:
-        self._safety_drawn += 1
-        return self._prepare_inputs(self._collate_pairs(next(self._safety_batches)))
+        return self._prepare_inputs(next(self._safety_batches))
 
     def _seed(self, tag: int) -> int:
         return hash((self.args.seed, self.state.global_step, tag, self.accelerator.process_index)) % 2**31
@@ -140,8 +132,8 @@ class SAPTrainer(SafeprobeTrainer):
 
     # -- checkpoints -------------------------------------------------------------------------------
     def method_state(self) -> dict:
-        state = {**super().method_state(), "safety_batches_drawn": self._safety_drawn, "s_step": self._s_step,
-                 "V_step": self._V_step, **numbered("s", self._s), **numbered("V", self._V)}
+        state = {**super().method_state(), "safety_batches_drawn": self._safety_batches.drawn,
+                 "s_step": self._s_step, "V_step": self._V_step, **numbered("s", self._s), **numbered("V", self._V)}
         if self._ref is not None:
             opt = self._ref_opt.state_dict()
             state.update(numbered("ref", self._ref), ref_opt_groups=opt["param_groups"])
@@ -151,8 +143,7 @@ class SAPTrainer(SafeprobeTrainer):
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
         device = self._params[0].device
-        self._safety_drawn = state["safety_batches_drawn"]
-        self._safety_batches = self._cycle(skip=self._safety_drawn)  # the same safety batches as an unbroken run
+        self._safety_batches = self._safety_stream(skip=state["safety_batches_drawn"])  # as an unbroken run
         self._s, self._s_step = unnumbered(state, "s", device), state["s_step"]
         self._V, self._V_step = unnumbered(state, "V", device), state["V_step"]
         ref = unnumbered(state, "ref", device)

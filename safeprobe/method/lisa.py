@@ -1,0 +1,72 @@
+"""Lisa (Huang et al., NeurIPS 2024, "Lazy Safety Alignment"): bi-state optimisation during fine-tuning.
+
+The run alternates `align_steps` optimiser steps on alignment data (harmful prompt -> refusal) with `task_steps`
+steps on the user's data. In each state the loss gets a proximal term rho/2 * ||W - W_anchor||^2, where W_anchor
+are the weights at the end of the other state (at the start: the weights fine-tuning began from), so neither
+state drifts far from what the other has reached. The paper's default is rho = 1 with 100 alignment steps per 900
+task steps; the defaults here keep that 1:9 ratio at a scale that fits short runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.tokenize import collator
+from .base import EndlessBatches, SafeprobeTrainer
+from .checkpoint import numbered, unnumbered
+
+
+class LisaTrainer(SafeprobeTrainer):
+    method_name = "lisa"
+
+    def __init__(self, *args, alignment_dataset=None, rho: float = 1.0, align_steps: int = 10,
+                 task_steps: int = 90, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not alignment_dataset:
+            raise ValueError("LisaTrainer needs an alignment_dataset (encoded harmful prompt -> refusal examples)")
+        if rho < 0 or align_steps < 1 or task_steps < 1:
+            raise ValueError("Lisa needs rho >= 0, align_steps >= 1 and task_steps >= 1")
+        self.rho, self.align_steps, self.task_steps = rho, align_steps, task_steps
+        self._alignment_dataset = alignment_dataset
+        self._alignment = self._alignment_stream()
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._anchor = [p.detach().clone() for p in self._params]
+        self._state = "task"  # the state the anchor was taken at the end of; the first state anchors to W_0
+
+    def _alignment_stream(self, skip: int = 0) -> EndlessBatches:
+        return EndlessBatches(self._alignment_dataset, self.args.per_device_train_batch_size, self.args.seed + 1,
+                              collator(self.processing_class), skip)
+
+    def state_at(self, step: int) -> str:
+        return "align" if step % (self.align_steps + self.task_steps) < self.align_steps else "task"
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        state = self.state_at(self.state.global_step)
+        if state != self._state and self.state.global_step > 0:  # the other state just ended: anchor to it
+            self._anchor = [p.detach().clone() for p in self._params]
+        self._state = state
+        if state == "align":  # this step's task batch is set aside; the alignment batch takes its place
+            inputs = self._prepare_inputs(next(self._alignment))
+        self.record(align_state=float(state == "align"))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def before_optimizer_step(self) -> None:
+        """Add the proximal gradient rho * (W - W_anchor) once per optimiser step (after accumulation)."""
+        if self.rho == 0:
+            return
+        squared = 0.0
+        with torch.no_grad():
+            for p, anchor in zip(self._params, self._anchor):
+                diff = p - anchor
+                p.grad = self.rho * diff if p.grad is None else p.grad.add_(diff, alpha=self.rho)
+                squared += float(diff.float().pow(2).sum())
+        self.record(proximal=0.5 * self.rho * squared)
+
+    def method_state(self) -> dict:
+        return {**super().method_state(), "lisa_state": self._state, "alignment_batches_drawn":
+                self._alignment.drawn, **numbered("anchor", self._anchor)}
+
+    def load_method_state(self, state: dict) -> None:
+        super().load_method_state(state)
+        self._state = state["lisa_state"]
+        self._alignment = self._alignment_stream(skip=state["alignment_batches_drawn"])
+        self._anchor = unnumbered(state, "anchor", self._params[0].device)
