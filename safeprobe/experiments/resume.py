@@ -61,7 +61,7 @@ def resume_point(cfg, out: Path) -> Path | None:
     elif last is not None:
         raise UserError(f"{out / RUN_CONFIG} is missing or unreadable: cannot check that {last} belongs to this "
                         "configuration; rerun without --resume to start over")
-    if last is None:
+    if last is None and saved is not None:  # an interrupted run that never reached a checkpoint
         log.warning("%s: no complete checkpoint to resume from; starting from scratch", out)
     return last
 
