@@ -5,11 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from safetensors.torch import load_file
+
 from conftest import lora_model, pair_batch, task_batch
+from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
 from safeprobe.method.probe import Probe
-from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, same_randomness, \
-    safety_direction
+from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, safe_probe, \
+    same_randomness, safety_direction
+from safeprobe.method import shared_forward
+from safeprobe.method.shared_forward import SharedLowerForward
 from safeprobe.model import decoder_layers
 
 
@@ -115,3 +120,65 @@ def test_fused_norm_and_perturbation_match_the_per_tensor_formulas():
     before = [p.detach().clone() for p in params]
     with perturbed(params, delta):
         assert all(torch.equal(p, b + d) for p, b, d in zip(params, before, delta))
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])
+def test_step_5_reusing_the_clean_pass_lower_layers_is_the_straightforward_step(name):
+    model, tok = lora_model(name, dropout=0.1)  # dropout: the passes must draw the same masks
+    probe, batch, params = Probe(model, "2,3"), task_batch(tok), params_of(model)
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, _ = perturbation(params, s, 1e-3, "absolute")
+
+    def sap_step(shared):
+        torch.manual_seed(7)
+        g_V, _, _ = probe_gradient(model, probe, params, delta, batch, shared=shared)
+        replay = shared.replayed(batch) if shared else contextlib.nullcontext()
+        with probe.active(safe_probe(g_V, 0.05)), replay:
+            grads = torch.autograd.grad(response_loss(model, batch), params)
+        return g_V, grads, torch.get_rng_state()
+
+    with lower_layer_runs(model, 2) as straight_runs:
+        straight = sap_step(None)
+    with lower_layer_runs(model, 2) as shared_runs:
+        shared = sap_step(SharedLowerForward(model, probe.layers[0]))
+    assert straight_runs == [3, 3] and shared_runs == [2, 2]  # perturbed, clean (, step 5)
+    assert all(torch.equal(a, b) for a, b in zip(straight[0], shared[0]))  # g_V
+    errors = [float((a - b).norm() / b.norm()) for a, b in zip(shared[1], straight[1]) if b.norm() > 0]
+    print(f"{name}: max relative error of the step-5 weight gradient, shared vs straightforward: {max(errors):.1e}")
+    assert len(errors) == len(params) and max(errors) < 1e-6
+    assert torch.equal(straight[2], shared[2])  # the training RNG stream ends where it would have
+
+
+@contextlib.contextmanager
+def lower_layer_runs(model, n_lower: int):
+    """How often the MLP of each of the first n_lower decoder layers computed inside the block."""
+    runs = [0] * n_lower
+
+    def count(index):
+        def hook(module, args, output):
+            runs[index] += 1
+        return hook
+    handles = [decoder_layers(model)[i].mlp.register_forward_hook(count(i)) for i in range(n_lower)]
+    try:
+        yield runs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_sap_trainer_trains_the_same_adapter_with_and_without_lower_layer_sharing(tmp_path, monkeypatch):
+    settings = dict(method="sap", model="tiny-random-llama", task="sst2", n=16, n_safety=8, max_steps=2,
+                    batch_size=4, safety_batch_size=2, max_length=96, lora_dropout=0.1, eps=0.05, beta=5.0,
+                    probe_layers="2,3", logging_steps=1)
+    replays = []
+    skipped = shared_forward._skipped
+    monkeypatch.setattr(shared_forward, "_skipped", lambda *args: replays.append(1) or skipped(*args))
+    run_train(TrainConfig(output_dir=str(tmp_path / "shared"), **settings))
+    assert len(replays) == 2  # every step 5 reused its clean pass's lower layers
+    original = SharedLowerForward.__init__
+    monkeypatch.setattr(SharedLowerForward, "__init__",
+                        lambda self, model, first, enabled=True: original(self, model, first, enabled=False))
+    run_train(TrainConfig(output_dir=str(tmp_path / "plain"), **settings))
+    shared, plain = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("shared", "plain"))
+    assert shared.keys() == plain.keys()
+    assert all(torch.allclose(shared[k], plain[k], rtol=1e-5, atol=1e-7) for k in shared)

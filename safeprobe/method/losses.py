@@ -10,7 +10,8 @@ IGNORE = -100
 
 
 def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    """What a teacher-forced pass feeds the model (no KV cache: nothing is generated)."""
+    return {**{k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}, "use_cache": False}
 
 
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from .losses import contrastive_safety_loss, response_loss
+from .shared_forward import SharedLowerForward
 
 EPS_MODES = ("relative", "absolute")
 SAFETY_LOSSES = ("paper", "dpo")
@@ -126,31 +127,45 @@ def frozen(params: list):
 
 
 @contextlib.contextmanager
-def same_randomness(seed: int, device: torch.device):
-    """Run a pass with a fixed RNG state (same dropout masks) without disturbing the global RNG stream."""
+def same_randomness(seed: int | None, device: torch.device):
+    """Run a pass with a fixed RNG state (same dropout masks) without disturbing the global RNG stream.
+
+    The state is that of `seed`, or with None the current one: the pass draws the masks the next pass will.
+    """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         yield
 
 
-def probe_gradient(model, probe, params: list, delta: list, batch: dict, seed: int, at: list | None = None):
+def probe_gradient(model, probe, params: list, delta: list, batch: dict, seed: int | None = None,
+                   at: list | None = None, shared: SharedLowerForward | None = None):
     """Steps 2-3: g_V at V = 0 (or at `at`) from a perturbed and a clean pass that differentiate only the probe.
 
+    Both passes draw the dropout masks of `seed` (None: of the current RNG state, those of step 5). With
+    `shared`, the clean pass keeps its lower layers' forward for step 5 to reuse (see `shared_forward`).
     Returns (g_V, L(W, V), L(W + dW, V)); the two losses give the L_su estimate for free.
     """
     device = batch["input_ids"].device
     V = [v.detach().clone().requires_grad_(True) for v in at] if at is not None \
         else probe.zeros(batch["input_ids"], requires_grad=True)
-    with probe.active(V), frozen(params):
-        with same_randomness(seed, device), perturbed(params, delta):
+    with probe.active(V):
+        with same_randomness(seed, device), frozen(params), perturbed(params, delta):
             loss_perturbed = response_loss(model, batch)
             g_perturbed = torch.autograd.grad(loss_perturbed, V)
-        with same_randomness(seed, device):
+        # the clean pass comes second: a graph it keeps for step 5 forbids changing the weights in place after it
+        with same_randomness(seed, device), _clean_pass(params, batch, shared):
             loss_clean = response_loss(model, batch)
             g_clean = torch.autograd.grad(loss_clean, V)
     g_V = [a - b for a, b in zip(g_perturbed, g_clean)]
     return g_V, loss_clean.detach(), loss_perturbed.detach()
+
+
+def _clean_pass(params: list, batch: dict, shared: SharedLowerForward | None):
+    """No graph for the weights, unless the lower layers' graph is kept for step 5 (the upper layers' graph is
+    then recorded too, and freed by the probe's backward)."""
+    return shared.record(batch) if shared is not None and shared.supported else frozen(params)
 
 
 def safe_probe(g_V: list, beta: float, probe_norm: float | None = None) -> list:

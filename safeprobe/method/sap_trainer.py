@@ -23,13 +23,14 @@ from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .checkpoint import numbered, unnumbered
 from .probe import Probe
 from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
+from .shared_forward import SharedLowerForward
 
 
 class SAPTrainer(SafeprobeTrainer):
     method_name = "sap"
 
     def __init__(self, *args, sap_config: SAPConfig | None = None, safety_dataset=None,
-                 safety_batch_size: int = 8, **kwargs):
+                 safety_batch_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if not safety_dataset:
             raise ValueError("SAPTrainer needs a non-empty safety_dataset (encoded safety pairs)")
@@ -37,6 +38,12 @@ class SAPTrainer(SafeprobeTrainer):
         if self.sap.mode == "reference":
             self.method_name = "sap-reference"
         self.probe = Probe(self.model, self.sap.probe_layers)
+        # the clean probe pass and step 5 share the layers below the lowest probed one (not under gradient
+        # checkpointing, which would recompute them from inside the shared graph)
+        self._shared = SharedLowerForward(self.model, self.probe.layers[0],
+                                          enabled=not self.args.gradient_checkpointing)
+        # default: as many safety sequences (safe + harmful) as task examples, so step 1 costs one task batch
+        safety_batch_size = safety_batch_size or max(1, self.args.per_device_train_batch_size // 2)
         self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
         self._safety_batches = self._safety_stream()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
@@ -66,7 +73,7 @@ class SAPTrainer(SafeprobeTrainer):
         with self.accelerator.no_sync(model):
             V_safe = self._reference_probe(model, inputs) if self.sap.mode == "reference" \
                 else self._paper_probe(model, inputs)
-        with self.probe.active(V_safe):  # step 5: the ordinary step, under the safety-aware probe
+        with self.probe.active(V_safe), self._shared.replayed(inputs):  # step 5: the ordinary step, probed
             return super().training_step(model, inputs, num_items_in_batch)
 
     def _harmful_perturbation(self, model, force: bool = False) -> list | None:
@@ -95,7 +102,7 @@ class SAPTrainer(SafeprobeTrainer):
             return None  # the step is skipped anyway
         with self.probe.active(None):
             g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs,
-                                                       self._seed(2))
+                                                       shared=self._shared)
         g_V = self._mean_across_ranks(g_V)
         if not all_finite(g_V):
             self.flag_bad_step("probe gradient")
@@ -114,8 +121,8 @@ class SAPTrainer(SafeprobeTrainer):
             delta = self._harmful_perturbation(model, force=self._s is None)
         if delta is None:
             return V_prev  # the step is skipped; the probe and its moments stay as they are
-        g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs, self._seed(2),
-                                                   at=V_prev)
+        g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs, at=V_prev,
+                                                   shared=self._shared)
         g_V = self._mean_across_ranks(g_V)
         if not all_finite(g_V):
             self.flag_bad_step("probe gradient")
