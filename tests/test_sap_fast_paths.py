@@ -109,17 +109,20 @@ def graph_recorded_per_layer(model):
             handle.remove()
 
 
-def test_fused_norm_and_perturbation_match_the_per_tensor_formulas():
+def test_fused_norm_and_copy_free_perturbation_match_the_per_tensor_formulas():
     model, tok = lora_model()
     params = params_of(model)
     assert torch.allclose(global_norm(params), torch.sqrt(sum(p.detach().pow(2).sum() for p in params)),
                           rtol=1e-14, atol=0)
     s, _ = safety_direction(model, params, pair_batch(tok))
     delta, eps = perturbation(params, s, 0.05, "relative")
-    assert abs(float(global_norm(delta)) - eps) < 1e-12 * eps
-    before = [p.detach().clone() for p in params]
-    with perturbed(params, delta):
-        assert all(torch.equal(p, b + d) for p, b, d in zip(params, before, delta))
+    assert abs(float(global_norm(delta.direction)) * delta.scale - eps) < 1e-12 * eps
+    before = [(p.detach().clone(), p.data_ptr()) for p in params]
+    with perturbed(params, delta):  # W + dW, to the last bit but one (the fused add may round alpha * d once less)
+        assert all(float((p.detach() - (b + delta.scale * d)).abs().max()) <= 1e-15 * float(b.abs().max())
+                   and not torch.equal(p, b) for p, (b, _), d in zip(params, before, delta.direction))
+    # each parameter has its own storage back, untouched: nothing was copied or written in place
+    assert all(p.data_ptr() == ptr and torch.equal(p, b) for p, (b, ptr) in zip(params, before))
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])

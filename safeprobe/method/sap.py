@@ -76,37 +76,48 @@ def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "pa
     return s, loss.detach()
 
 
-def perturbation(params: list, s: list, eps: float, eps_mode: str) -> tuple[list, float]:
+@dataclass(frozen=True)
+class Scaled:
+    """dW = scale * direction, kept factored: the product, as large as the trainable weights, is never stored."""
+
+    direction: list
+    scale: float
+
+
+def perturbation(params: list, s: list, eps: float, eps_mode: str) -> tuple[Scaled, float]:
     """dW = eps_abs * s / ||s|| in fp32, with eps_abs = eps or eps * ||W||."""
     s_norm = global_norm(s)
     eps_abs = eps * float(global_norm(params)) if eps_mode == "relative" else eps
     if eps_abs == 0 or s_norm == 0:
-        return [torch.zeros_like(g) for g in s], 0.0
-    return list(torch._foreach_mul(s, eps_abs / s_norm)), eps_abs
+        return Scaled(s, 0.0), 0.0
+    return Scaled(s, eps_abs / float(s_norm)), eps_abs
 
 
 @contextlib.contextmanager
-def perturbed(params: list, delta: list):
-    """W <- W + dW (in fp32) inside the block; on exit every tensor is restored bit-exactly from a copy."""
-    with torch.no_grad():
-        saved = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(saved, params)
-        _add_in_at_least_fp32(params, delta)
+def perturbed(params: list, delta: Scaled | list):
+    """W <- W + dW (in at least fp32) inside the block: each parameter holds a new tensor W + dW, and gets its
+    own tensor back on exit, bit-exact and without a copy of the weights."""
+    delta = delta if isinstance(delta, Scaled) else Scaled(delta, 1.0)
+    originals = [p.data for p in params]
+    if delta.scale != 0:
+        for p, moved in zip(params, _moved(params, delta)):
+            p.data = moved
     try:
         yield
     finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
+        for p, original in zip(params, originals):
+            p.data = original
 
 
-def _add_in_at_least_fp32(params: list, delta: list) -> None:
-    """params += delta, rounding once to each parameter's dtype (fused for the usual fp32/fp64 parameters)."""
-    same = [(p, d) for p, d in zip(params, delta) if p.dtype == d.dtype]
-    if same:
-        torch._foreach_add_([p for p, _ in same], [d for _, d in same])
-    for p, d in zip(params, delta):
-        if p.dtype != d.dtype:  # a bf16/fp16 parameter: add in fp32, round once
-            p.copy_((at_least_fp32(p) + d).to(p.dtype))
+@torch.no_grad()
+def _moved(params: list, delta: Scaled) -> list:
+    """W + dW for every parameter, rounded once to its dtype (fused for the usual fp32/fp64 parameters)."""
+    same = [i for i, (p, d) in enumerate(zip(params, delta.direction)) if p.dtype == d.dtype]
+    fused = torch._foreach_add([params[i].detach() for i in same], [delta.direction[i] for i in same],
+                               alpha=delta.scale) if same else []
+    moved = dict(zip(same, fused))
+    return [moved[i] if i in moved else (at_least_fp32(p) + delta.scale * d).to(p.dtype)  # bf16/fp16 weights
+            for i, (p, d) in enumerate(zip(params, delta.direction))]
 
 
 @contextlib.contextmanager
