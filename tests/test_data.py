@@ -6,6 +6,7 @@ import pytest
 from safeprobe.cli.main import main
 from safeprobe.data import Example, load_examples, load_pairs, load_prompts, sample, split
 from safeprobe.data.readers import read_rows
+from safeprobe.data.registry import REGISTRY
 from safeprobe.data.tokenize import IGNORE, encode, encode_all
 from safeprobe.errors import UserError
 from safeprobe.model import load_model
@@ -146,3 +147,24 @@ def test_config_file_with_flag_override_and_errors(tmp_path, capsys):
         assert message in err and "bad.yaml" in err and len(err.strip().splitlines()) == 1, err
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sst2", "safety-tuned-llamas"])
+def test_validation_side_is_a_fixed_disjoint_part_of_the_train_file(name, tmp_path):
+    train, val = load_examples(name, "train"), load_examples(name, "validation")
+    assert val and not {e.prompt for e in train} & {e.prompt for e in val}
+    spec = REGISTRY[name]
+    every = read_rows(spec.path("train"))
+    assert len(train) + len(val) == len(every)  # nothing lost, nothing duplicated
+    assert abs(len(val) / len(every) - spec.validation) < 0.02  # about the declared fraction
+    assert [e.prompt for e in load_examples(name, "validation")] == [e.prompt for e in val]  # fixed, not seeded
+
+
+def test_validation_suites_never_share_a_prompt_with_training_or_evaluation_data():
+    from safeprobe.evaluation.suites import get_suite
+    stl_train = {e.prompt for e in load_examples("safety-tuned-llamas", "train")}
+    val_harmful = {e.prompt for e in get_suite("val-harmful").load()}
+    assert val_harmful and not val_harmful & stl_train
+    sst2_val = {e.prompt for e in get_suite("sst2-val").load()}
+    assert not sst2_val & {e.prompt for e in get_suite("sst2").load()}
+    assert not sst2_val & {e.prompt for e in sample(load_examples("sst2", "train"), 2000, 0)}

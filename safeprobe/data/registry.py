@@ -16,6 +16,7 @@ from .readers import read_rows
 from .records import Example, SafetyPair, rename_columns, to_example, to_prompt, to_safety_pair, user_turn
 from .splits import split as grouped_split
 
+VALIDATION = "validation"
 HOLDOUT_SEED = 0  # fixed: the held-out prompts of a dataset never change between runs or seeds
 
 KINDS = ("examples", "pairs", "prompts")
@@ -32,8 +33,13 @@ class DatasetSpec:
     keep: Callable[[dict], bool] | None = None  # row filter (e.g. xstest safe / unsafe)
     format: Callable[[dict, str], Example] | None = None  # task-specific row -> Example
     holdout: float | None = None  # one file split by prompt into train / test (e.g. PKU repeats prompts)
+    # Fraction of the train file's prompts reserved as split "validation" (never in "train"): data to tune a
+    # method's settings on without touching any evaluation suite.
+    validation: float | None = None
 
     def path(self, split: str) -> Path:
+        if split == VALIDATION and self.validation:
+            split = "train"
         if split not in self.files:
             raise UserError(f"dataset '{self.name}' has no split '{split}'; available: {', '.join(self.files)}")
         return data_dir() / self.files[split]
@@ -106,7 +112,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                 holdout=0.2),
     DatasetSpec("safety-tuned-llamas", {"train": "safety_tuned_llamas/training/safety_only_data_Instructions.json"},
                 "examples", "https://github.com/vinid/safety-tuned-llamas",
-                "2,483 harmful instructions with safe (refusing) answers"),
+                "2,483 harmful instructions with safe (refusing) answers; validation = 10% of prompts",
+                validation=0.1),
     DatasetSpec("hh-harmless", {"test": "hh_rlhf_harmless/harmless_base_test.jsonl"}, "pairs",
                 "https://huggingface.co/datasets/Anthropic/hh-rlhf (harmless-base)",
                 "2,312 chosen/rejected dialogues"),
@@ -118,14 +125,14 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
                                           "test": "refusal_direction_splits/harmless_test.json"}, "prompts",
                 "https://github.com/andyrdt/refusal_direction", "Alpaca instructions without answers"),
     DatasetSpec("sst2", {"train": "sst2/train.csv", "test": "sst2/validation.csv"}, "examples",
-                "https://huggingface.co/datasets/stanfordnlp/sst2", "SST-2 sentiment (test = GLUE validation)",
-                format=format_sst2),
+                "https://huggingface.co/datasets/stanfordnlp/sst2", "SST-2 sentiment (test = GLUE validation; "
+                "validation = 1% of train)", format=format_sst2, validation=0.01),
     DatasetSpec("agnews", {"train": "ag_news/train_10k.csv", "test": "ag_news/test.csv"}, "examples",
-                "https://huggingface.co/datasets/fancyzhx/ag_news", "AG News topic classification",
-                format=format_agnews),
+                "https://huggingface.co/datasets/fancyzhx/ag_news", "AG News topic classification (validation = "
+                "5% of train)", format=format_agnews, validation=0.05),
     DatasetSpec("gsm8k", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, "examples",
-                "https://huggingface.co/datasets/openai/gsm8k", "grade-school maths word problems",
-                format=format_gsm8k),
+                "https://huggingface.co/datasets/openai/gsm8k", "grade-school maths word problems (validation "
+                "= 5% of train)", format=format_gsm8k, validation=0.05),
     DatasetSpec("alpaca", {"train": "alpaca/alpaca_en_demo_1000.json"}, "examples",
                 "https://huggingface.co/datasets/vicgalle/alpaca-gpt4", "1,000 Alpaca instructions, GPT-4 answers"),
 ]}
@@ -194,11 +201,18 @@ def load_records(name_or_path: str, split: str | None = None, kind: str | None =
 
 
 def _select(spec: DatasetSpec | None, split: str | None, records: list) -> list:
-    """For datasets held out by prompt: the train or test side of the fixed grouped split."""
-    if spec is None or spec.holdout is None:
+    """The side of a fixed split by prompt: PKU's train / test, or a dataset's train / validation."""
+    if spec is None:
         return records
-    train, test = grouped_split(records, spec.holdout, HOLDOUT_SEED, key=lambda r: r.prompt)
-    return test if (split or next(iter(spec.files))) == "test" else train
+    split = split or next(iter(spec.files))
+    if spec.holdout is not None:
+        train, test = grouped_split(records, spec.holdout, HOLDOUT_SEED, key=lambda r: r.prompt)
+        return test if split == "test" else train
+    if spec.validation and split in ("train", VALIDATION):
+        # the top of the hash range, so a dataset could also hold out a test side at the bottom (as PKU does)
+        top, rest = grouped_split(records, 1 - spec.validation, HOLDOUT_SEED, key=lambda r: r.prompt)
+        return top if split == VALIDATION else rest
+    return records
 
 
 def _keep_meta(example: Example, row: dict) -> Example:

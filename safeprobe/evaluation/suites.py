@@ -7,7 +7,8 @@ Three kinds:
   judges were requested): xstest-safe, jbb-benign;
 - task (metric `accuracy` with the literature's parsers, plus `test_loss`, the teacher-forced loss of the gold
   answers): sst2 (GLUE validation), agnews (test), gsm8k (test).
-Suites keep their file order; `limit` takes the first items (the literature reports the first 500).
+The `*-val` / `val-*` suites are validation sides of training sources (see the registry's `validation`), for
+tuning settings without looking at the evaluation suites. Suites keep their file order; `limit` takes the first items (the literature reports the first 500).
 
 PKU-SafeRLHF is split once, by prompt, in the data registry (`pku-saferlhf-pairs`, train / test sides). The
 `pku-heldout` suite uses the test side's prompts; SAP training and the moderation judge use only the train
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data import REGISTRY, Example, load_pairs, load_prompts
+from ..data.registry import VALIDATION
 from ..data.readers import SUFFIXES as CUSTOM_SUFFIXES
 from ..data.records import user_turn
 from ..errors import UserError
@@ -73,6 +75,17 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
     Suite("sst2", TASK, _named("sst2", "test"), "SST-2 (GLUE validation, 872)", label_correct, LABEL_CAP),
     Suite("agnews", TASK, _named("agnews", "test"), "AG News test (7,600)", label_correct, LABEL_CAP),
     Suite("gsm8k", TASK, _named("gsm8k", "test"), "GSM8K test (1,319)", gsm8k_correct),
+    # For tuning a method's settings: validation sides of training sources, never an evaluation suite above.
+    Suite("val-harmful", HARMFUL, _named("safety-tuned-llamas", VALIDATION),
+          "validation: 240 harmful instructions held out from safety-tuned-llamas (tuning only)"),
+    Suite("val-benign", OVER_REFUSAL, _named("harmless-instructions", VALIDATION),
+          "validation: harmless instructions (refusal_direction val split; tuning only)"),
+    Suite("sst2-val", TASK, _named("sst2", VALIDATION), "validation: 1% of SST-2 train (tuning only)",
+          label_correct, LABEL_CAP),
+    Suite("agnews-val", TASK, _named("agnews", VALIDATION), "validation: 5% of AG News train (tuning only)",
+          label_correct, LABEL_CAP),
+    Suite("gsm8k-val", TASK, _named("gsm8k", VALIDATION), "validation: 5% of GSM8K train (tuning only)",
+          gsm8k_correct),
 ]}
 
 
