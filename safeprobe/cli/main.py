@@ -75,6 +75,18 @@ def _demo(cfg, console):
     run_demo(cfg, console)
 
 
+def _compare_config():
+    from ..experiments.compare import CompareConfig
+    return CompareConfig
+
+
+@command("compare", "methods x seeds x settings on identical data, trained and evaluated: results.json, report.md, "
+         "report.html", _compare_config)
+def _compare(cfg, console):
+    from ..experiments.compare import run_compare
+    run_compare(cfg, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeprobe", description="Fine-tune LLMs without losing their safety "
                                      "alignment (Safety-Aware Probing).")

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 STAGE_FILE = "stage.json"
 # Settings that may differ between a run and its resumption: they do not change the trained weights.
-NOT_TRAJECTORY = frozenset({"output_dir", "resume", "logging_steps", "save_steps", "report_to", "max_bad_steps"})
+NOT_TRAJECTORY = frozenset({"output_dir", "resume", "logging_steps", "save_steps", "report_to", "max_bad_steps",
+                            "diagnostics_every"})
 
 
 def trajectory(cfg) -> dict:

@@ -19,6 +19,7 @@ from ..data.tokenize import collator, encode_all, encode_pairs
 from ..errors import UserError
 from ..io import output_lock, write_json
 from ..method import TRAINERS, SAPConfig
+from ..method.diagnostics import attach_diagnostics
 from ..model import apply_lora, load_model, prepare_full_finetune
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
@@ -30,7 +31,7 @@ SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
 REPORT_TO = ("none", "tensorboard", "wandb")
 MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
             "lisa_align_steps": 1, "lisa_task_steps": 1, "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1, "save_steps": 0, "warmup_steps": 0,
-            "weight_decay": 0, "lora_r": 0}
+            "weight_decay": 0, "lora_r": 0, "diagnostics_every": 0}
 
 
 def _help(text: str, default=None, **kw):
@@ -73,6 +74,8 @@ class TrainConfig:
     max_bad_steps: int = _help("stop after this many steps in a row with a non-finite loss or gradient "
                                "(each such step is skipped)", 5)
     report_to: str = _help("none, tensorboard or wandb", "none")
+    diagnostics_every: int = _help("every K steps write per-layer cos(useful, harmful-answer gradient) and the "
+                                   "losses on harmful and held-out useful data to diagnostics.jsonl (0: off)", 0)
     # SAP
     eps: float = _help("SAP: size of the harmful perturbation", SAPConfig.eps)
     eps_mode: str = _help("SAP: relative (eps * ||W_trainable||) or absolute", SAPConfig.eps_mode)
@@ -245,6 +248,8 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
     if not encoded.features:
         raise UserError(f"{cfg.task}: every example is longer than max_length={cfg.max_length}")
     trainer = build_trainer(cfg, model, tokenizer, encoded.features, out)
+    if cfg.diagnostics_every:
+        attach_diagnostics(trainer, cfg.task, cfg.safety_data, cfg.diagnostics_every, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if hasattr(trainer, "probe"):
         trainer.probe.remove()  # the deployed model is f_W: no probe in what we save

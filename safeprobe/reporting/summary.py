@@ -1,0 +1,72 @@
+"""Figures of a comparison: per-run metrics from its evaluation and manifest, and their mean and spread over seeds.
+
+Spread is the sample standard deviation (n - 1 in the denominator; None with one seed). Headline figures average
+the suites of a kind with equal weight: `harmful_score` over the harmful suites, `refusal_rate` over the
+over-refusal suites, `accuracy` over the task suites.
+"""
+from __future__ import annotations
+
+import statistics
+
+HEADLINES = ("harmful_score", "refusal_rate", "accuracy")
+TRAIN_FIGURES = {"train_time_s": "wall_time_s", "peak_memory_mb": "peak_memory_mb"}
+
+
+def stats(values: list[float]) -> dict:
+    """{"mean", "std", "n", "values"} of the finite values given (std: sample standard deviation)."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+
+
+def run_metrics(suites: dict, train: dict | None = None) -> dict[str, float]:
+    """One run's figures: `<suite>/<metric>`, `<suite>/test_loss`, the headlines and the training figures."""
+    out, by_metric = {}, {}
+    for name, summary in suites.items():
+        metric = summary["metric"]
+        out[f"{name}/{metric}"] = summary[metric]
+        by_metric.setdefault(metric, []).append(summary[metric])
+        if summary.get("test_loss") is not None:
+            out[f"{name}/test_loss"] = summary["test_loss"]
+    for metric in HEADLINES:
+        if by_metric.get(metric):
+            out[metric] = statistics.fmean(by_metric[metric])
+    for key, source in TRAIN_FIGURES.items():
+        if train and train.get(source) is not None:
+            out[key] = train[source]
+    return out
+
+
+def judges(suites: dict) -> dict[str, str]:
+    """Which judge (or parser) produced each figure of `run_metrics`."""
+    out = {}
+    for name, summary in suites.items():
+        out[f"{name}/{summary['metric']}"] = summary["judge"]
+        out.setdefault(summary["metric"], summary["judge"])
+    return out
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and spread over runs (seeds) of every figure the runs report; failed runs are left out."""
+    done = [r for r in runs if r.get("status") == "done"]
+    per_run = [run_metrics(r["eval"], r.get("train")) for r in done]
+    keys = list(dict.fromkeys(k for metrics in per_run for k in metrics))
+    figures = {k: stats([m.get(k) for m in per_run]) for k in keys}
+    return {"n_runs": len(runs), "n_done": len(done), "judges": judges(done[0]["eval"]) if done else {},
+            "figures": figures}
+
+
+def summarise(results: dict) -> tuple[dict, dict]:
+    """(setting -> label -> aggregate of its main runs, label -> knob -> sweep points with their aggregates)."""
+    runs = results["runs"]
+
+    def of(names: list[str]) -> dict:
+        return aggregate([runs[n] for n in names if n in runs])
+
+    summary = {setting: {label: of(names) for label, names in labels.items()}
+               for setting, labels in results["main"].items()}
+    sweeps = {label: {knob: [{"value": p["value"], **of(p["runs"])} for p in points] for knob, points in knobs.items()}
+              for label, knobs in results["sweeps"].items()}
+    return summary, sweeps

@@ -1,0 +1,180 @@
+"""`safeprobe compare` end to end on a tiny random model, its caching and config errors, and the training
+diagnostics (cosine sanity, no effect on the trained weights)."""
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from safeprobe.cli.main import main
+from safeprobe.experiments import compare as compare_module
+from safeprobe.experiments import train as train_module
+from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.method.diagnostics import cosine, layer_groups, measure, read_diagnostics
+from safeprobe.reporting.summary import run_metrics, stats
+
+from conftest import lora_model, task_batch
+
+WORDS = ["sunny", "gloomy", "bright", "awful", "lovely", "dreary", "great", "bad"]
+
+
+def data_files(root: Path) -> dict:
+    """Tiny task examples and safety pairs: every step costs milliseconds."""
+    task, pairs = root / "task.jsonl", root / "pairs.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Is '{w}' positive?", "completion": "yes" if i % 2 else "no"})
+                            + "\n" for i, w in enumerate(WORDS)))
+    pairs.write_text("".join(json.dumps({"prompt": f"How do I hurt {w}?", "safe": "I can't help with that.",
+                                         "harmful": f"Hit {w} hard."}) + "\n" for w in WORDS))
+    return {"task": str(task), "safety_data": str(pairs)}
+
+
+def tiny_config(root: Path) -> dict:
+    base = {"model": "tiny-random-llama", "n": 6, "n_safety": 4, "max_steps": 2, "batch_size": 2,
+            "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "logging_steps": 1, **data_files(root)}
+    return {"output_dir": str(root / "out"), "base": base, "methods": ["sft", "sap"], "seeds": [1, 2],
+            "eval": {"suites": ["jbb-harmful", "advbench", "xstest-safe", "sst2"], "limit": 2, "max_new_tokens": 4,
+                     "batch_size": 4},
+            "sweep": {"sap": {"beta": [0.5]}}}
+
+
+def run_cli(root: Path, config: dict, *flags: str) -> int:
+    path = root / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return main(["compare", "--config", str(path), *flags])
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    config = tiny_config(root)
+    assert run_cli(root, config) == 0
+    out = root / "out"
+    return root, config, out, json.loads((out / "results.json").read_text())
+
+
+def test_results_structure_and_seed_statistics(compared):
+    _, _, out, results = compared
+    # 2 methods x 2 seeds + 1 sweep run (the sweep's own beta reuses the sap run at the first seed)
+    assert sorted(results["runs"]) == ["sap-beta0.5-s1", "sap-s1", "sap-s2", "sft-s1", "sft-s2"]
+    assert all(r["status"] == "done" for r in results["runs"].values())
+    assert results["main"] == {"default": {"sft": ["sft-s1", "sft-s2"], "sap": ["sap-s1", "sap-s2"]}}
+    beta = results["sweeps"]["sap"]["beta"]
+    assert [p["value"] for p in beta] == [0.05, 0.5] and beta[0]["runs"] == ["sap-s1"]
+    for run in results["runs"].values():
+        assert (out / run["folder"] / "adapter_model.safetensors").is_file()
+        assert set(run["eval"]) == {"jbb-harmful", "advbench", "xstest-safe", "sst2"}
+        assert run["train"]["wall_time_s"] > 0 and run["train"]["peak_memory_mb"] > 0
+        assert run["eval"]["sst2"]["test_loss"] > 0
+        assert read_diagnostics(out / run["folder"])[-1]["step"] == 2
+    sap = results["summary"]["default"]["sap"]
+    assert sap["judges"]["harmful_score"] == "keyword" and sap["n_done"] == 2
+    for key in ("sst2/test_loss", "harmful_score", "train_time_s", "peak_memory_mb"):
+        values = [run_metrics(results["runs"][n]["eval"], results["runs"][n]["train"])[key]
+                  for n in ("sap-s1", "sap-s2")]
+        assert sap["figures"][key]["mean"] == pytest.approx(sum(values) / 2)
+        assert sap["figures"][key]["std"] == pytest.approx(statistics.stdev(values))
+    assert results["base"]["eval"]["sst2"]["metric"] == "accuracy"
+
+
+def test_stats_math():
+    assert stats([1.0, 2.0, 6.0]) == {"mean": 3.0, "std": pytest.approx(2.6457513), "n": 3, "values": [1, 2, 6]}
+    assert stats([0.5])["std"] is None and stats([])["mean"] is None
+    metrics = run_metrics({"a": {"metric": "harmful_score", "harmful_score": 0.2},
+                           "b": {"metric": "harmful_score", "harmful_score": 0.6},
+                           "t": {"metric": "accuracy", "accuracy": 0.9, "test_loss": 1.5}})
+    assert metrics["harmful_score"] == pytest.approx(0.4) and metrics["t/test_loss"] == 1.5
+
+
+def test_report_is_self_contained(compared):
+    _, _, out, _ = compared
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5  # trade-off, frontier, task loss, layer cosines, losses
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)  # no external asset, no link out
+    assert "http" not in page and "<script" not in page
+    assert "judge: keyword" in page and "frontier lies below" in page
+    markdown = (out / "report.md").read_text()
+    for name in re.findall(r"\(figures/([^)]+)\)", markdown):
+        assert (out / "figures" / name).stat().st_size > 1000
+
+
+def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatch):
+    root, config, out, results = compared
+    calls = {"train": 0, "eval": 0}
+    real_train, real_eval = train_module._train, compare_module.run_eval
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(train_module, "_train", counting("train", real_train))
+    monkeypatch.setattr(compare_module, "run_eval", counting("eval", real_eval))
+    adapters = {n: (out / r["folder"] / "adapter_model.safetensors").stat().st_mtime_ns
+                for n, r in results["runs"].items()}
+    assert run_cli(root, config) == 0
+    assert calls == {"train": 0, "eval": 0}
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+    # what a kill leaves: one run's training unfinished (no run.json), another's evaluation not recorded
+    (out / results["runs"]["sap-s2"]["folder"] / "run.json").unlink()
+    (out / results["runs"]["sft-s1"]["folder"] / "eval" / "stage.json").unlink()
+    assert run_cli(root, config) == 0
+    assert calls == {"train": 1, "eval": 1}  # sap-s2 retrained: its adapter is the same, so its eval is kept
+    assert {n: (out / r["folder"] / "adapter_model.safetensors").stat().st_mtime_ns
+            for n, r in results["runs"].items() if n != "sap-s2"} == {k: v for k, v in adapters.items()
+                                                                      if k != "sap-s2"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"base": {"nn": 3}}, "base: unknown key 'nn'"),
+    ({"base": {"n": "many"}}, "key 'n': expected an integer"),
+    ({"seeds": ["x"]}, "key 'seeds'"),
+    ({"methods": ["sft", "dpo"]}, "unknown method 'dpo'"),
+    ({"methods": {"sap_k4": {"safety_every": 4}}}, "unknown method 'sap_k4'"),
+    ({"sweep": {"lisa": {"rho": [1.0]}}}, "'lisa' is not one of the methods"),
+    ({"sweep": {"sap": {"betta": [0.1]}}}, "unknown key 'betta'"),
+    ({"eval": {"suites": ["nope"]}}, "unknown suite 'nope'"),
+    ({"eval": {"limit": 0}}, "limit must be >= 1"),
+    ({"base": {"seed": 3}}, "'seed' is set by compare"),
+    ({"settings": {"p0": {"output_dir": "x"}}}, "'output_dir' is set by compare"),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
+    config = {**tiny_config(tmp_path), **change}
+    assert run_cli(tmp_path, config) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("safeprobe: error:") and message in err, err
+    assert not (tmp_path / "out").exists()  # nothing was trained or written
+
+
+def test_cosine_of_a_gradient_with_itself_is_one():
+    model, tokenizer = lora_model()
+    batch = task_batch(tokenizer)
+    groups = layer_groups(model)
+    row = measure(model, {"useful": batch, "harmful": batch, "useful_heldout": batch}, groups)
+    assert len(row["cos_useful_harmful"]) == len(groups) > 1 and all(groups)
+    assert row["cos_useful_harmful"] == pytest.approx([1.0] * len(groups), abs=1e-9)
+    assert row["loss_harmful"] == row["loss_useful_train"] == row["loss_useful_heldout"]
+    grads = [torch.randn(3, 4), torch.randn(5)]
+    assert cosine(grads, [-g for g in grads]) == pytest.approx(-1.0)
+    assert cosine(grads, [torch.zeros(3, 4), torch.zeros(5)]) is None
+    assert all(p.grad is None for p in model.parameters()) and model.training  # nothing left behind
+
+
+def test_diagnostics_leave_the_trained_adapter_bit_identical(compared, tmp_path):
+    # compare trained sap-s1 with diagnostics at every step (LoRA dropout on: any RNG drift would show); the
+    # same run with them off must give the same adapter, bit for bit
+    _, _, out, results = compared
+    folder = out / results["runs"]["sap-s1"]["folder"]
+    saved = json.loads((folder / "run.json").read_text())["config"]
+    assert saved["diagnostics_every"] == 1 and saved["lora_dropout"] > 0
+    run_train(TrainConfig(**{**saved, "output_dir": str(tmp_path / "off"), "diagnostics_every": 0}))
+    on, off = (load_file(str(d / "adapter_model.safetensors")) for d in (folder, tmp_path / "off"))
+    assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
+    rows = read_diagnostics(folder)
+    assert [r["step"] for r in rows] == [0, 1, 2] and not (tmp_path / "off" / "diagnostics.jsonl").exists()
+    assert all(len(r["cos_useful_harmful"]) == 4 and -1 <= r["cos_useful_harmful_all"] <= 1 for r in rows)
