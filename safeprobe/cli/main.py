@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ..errors import UserError
 from . import config as cfgmod
+from .align_cmd import align_config, run_align_command
 from .data_cmd import DataShowConfig, data_list, data_show
 from .eval_cmd import (EvalConfig, JudgeTrainConfig, JudgeValidateConfig, run_eval_command, run_judge_train,
                        run_judge_validate)
@@ -45,6 +46,10 @@ def _train(cfg, console):
     info = run_train(cfg)
     console.print(f"[green]done[/green]: {info['method']} {info['global_steps']} steps, "
                   f"train loss {info['train_loss']:.4f}, {info['wall_time_s']} s -> {cfg.output_dir}")
+
+
+command("align", "make an aligned base model (plain, vaccine or booster); prints its directory",
+        align_config)(run_align_command)
 
 
 @command("eval", "answer suites of prompts and judge them: harmful score, over-refusal, task accuracy", EvalConfig)

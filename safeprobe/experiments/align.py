@@ -1,0 +1,400 @@
+"""`safeprobe align`: the alignment stage. Turns an instruct model that is not safety aligned into an aligned base
+(full fine-tuning, saved as a normal Hugging Face checkpoint) that `safeprobe train --model DIR` starts from.
+
+Training data, all from training sources (never an evaluation suite: advbench, jbb-*, xstest*,
+safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
+- refusals: harmful instruction -> refusal, `safety-tuned-llamas` (its training file);
+- helpfulness: benign instructions from `alpaca` and `harmless-instructions` (train split), answered by the model
+  itself with greedy decoding, so the aligned model keeps its own helpfulness and style instead of imitating
+  another model's answers;
+- against over-refusal: benign prompts that merely look sensitive, also answered by the model itself. They are the
+  `harmless-instructions` train prompts (Alpaca instructions, benign by construction) containing a word that
+  triggers over-refusal, e.g. kill, attack, steal, shoot, weapon, drug, war, crime, poison ("How did the US
+  respond to the attacks on 9/11?", "Write an argument in favor of gun control laws", "Analyze the theme of
+  loyalty in 'To Kill a Mockingbird'"): the surface cues of XSTest's homonyms, history, safe targets and
+  definitions without its prompts. The alternatives are worse: the PKU-SafeRLHF prompts are harmful requests,
+  hh-rlhf harmless is red-teaming (and only its test file is here), XSTest and JBB-benign are evaluation suites.
+- Booster only: the harmful loss h uses (prompt, harmful answer) pairs of PKU-SafeRLHF, training side only (20% of
+  its prompts are held out for the `pku-heldout` suite; see evaluation/suites.py).
+A self-answer that the refusal-keyword judge counts as a refusal is dropped (a benign prompt must never teach a
+refusal); an answer cut at `max_new_tokens` is learnt without its stop token (its text, not stopping mid-sentence).
+
+Caching: with no --output-dir the model goes to `$SAFEPROBE_HOME/aligned/<model>-<method>-<key>/`, where the key
+hashes the settings that change the result and the data files' sha256; a rerun with the same settings returns it
+at once. A directory is finished when `.complete` exists (written last, after `align.json`, the manifest). The
+model's self-answers are cached by prompt in `$SAFEPROBE_HOME/aligned/self-answers/` (appended batch by batch, so
+an interrupted run and the other methods never generate an answer twice); the answers used are also copied next to
+the model. With --save-steps, an interrupted run resumes from its last complete checkpoint when rerun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import SchedulerType, set_seed
+
+from ..data import REGISTRY, Example, fingerprint, load_examples, load_pairs, load_prompts, sample
+from ..data.tokenize import IGNORE, collator, encode, encode_all, prompt_ids, response_ids
+from ..errors import UserError
+from ..evaluation.generate import generate_ids, length_batches
+from ..evaluation.keyword import is_refusal
+from ..io import append_jsonl, output_lock, sha256_json, write_json, write_text
+from ..method import ALIGNERS
+from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
+from ..method.vaccine import NORMS
+from ..model import MODEL_NAMES, load_model, model_summary, prepare_full_finetune
+from ..settings import home_dir
+from .manifest import manifest
+from .train import REPORT_TO, _help, check_output_dir, save_model, training_arguments
+
+log = logging.getLogger(__name__)
+
+MANIFEST, COMPLETE, ANSWERS = "align.json", ".complete", "self_answers.jsonl"
+
+# Words that make a benign instruction look sensitive (whole words, any case). Not "password" (benign-looking) and
+# not prefixes like "rob"/"explo" (robot, explore).
+SENSITIVE_WORDS = re.compile(
+    r"\b(kill\w*|murder\w*|attack\w*|weapons?|guns?|shoot\w*|shot|bomb\w*|explosi\w*|explode\w*|poison\w*|drugs?|"
+    r"steal\w*|stole\w*|theft|thief|robber\w*|hack\w*|crimes?|criminals?|fraud\w*|terroris\w*|violen\w*|wars?|"
+    r"fight\w*|destroy\w*|die|dies|dying|death|dead|deadly|suicide|blood\w*|knife|knives|nuclear|virus|viruses|"
+    r"threat\w*|dangerous|harm\w*|injur\w*|abus\w*|cheat\w*|lie|lies|lying|racis\w*|discriminat\w*|hate|hatred|"
+    r"illegal|smuggl\w*|tortur\w*|assassin\w*|execute|executed|execution|slaughter\w*|gambl\w*|alcohol|"
+    r"privacy|surveillance|spy|spying)\b", re.IGNORECASE)
+
+MINIMUMS = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_harmful": 1, "max_new_tokens": 1,
+            "gen_batch_size": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "max_steps": -1,
+            "warmup_steps": 0, "weight_decay": 0, "logging_steps": 1, "save_steps": 0, "max_bad_steps": 1}
+# Settings that do not change the aligned model, and settings that only one method reads: neither is in the key.
+NOT_IN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "report_to", "max_bad_steps"})
+METHOD_FIELDS = {"vaccine": ("rho", "vaccine_norm"),
+                 "booster": ("harmful_data", "n_harmful", "booster_lambda", "booster_alpha")}
+
+
+@dataclass
+class AlignConfig:
+    method: str = _help("alignment method: " + ", ".join(ALIGNERS), "plain")
+    model: str = _help("the instruct model to align: a built-in name, a local directory or a Hub id",
+                       "smollm2-135m-instruct")
+    output_dir: str | None = _help("where the aligned model goes (default: $SAFEPROBE_HOME/aligned/"
+                                   "<model>-<method>-<key>/, reused when the settings match)")
+    refusal_data: str = _help("harmful instruction -> refusal examples (a name or a file)", "safety-tuned-llamas")
+    n_refusal: int = _help("number of refusal examples", 320)
+    benign_data: str = _help("comma-separated sources of benign instructions, answered by the model itself "
+                             "(an even share from each)", "alpaca,harmless-instructions")
+    n_benign: int = _help("number of benign instructions answered by the model", 160)
+    sensitive_data: str = _help("prompts filtered for sensitive-looking words (kill, attack, steal...), answered "
+                                "by the model itself, against over-refusal", "harmless-instructions")
+    n_sensitive: int = _help("number of sensitive-looking benign prompts", 160)
+    max_new_tokens: int = _help("longest self-answer in tokens (greedy)", 96)
+    gen_batch_size: int = _help("prompts per generation batch", 32)
+    harmful_data: str = _help("Booster: (prompt, safe, harmful) pairs whose harmful answers define h; training "
+                              "side only", "pku-saferlhf-pairs")
+    n_harmful: int = _help("Booster: number of harmful (prompt, answer) examples", 320)
+    seed: int = _help("seed of everything (data samples, order, dropout)", 42)
+    max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", 120)
+    epochs: float = _help("epochs over the alignment data when max_steps is -1", 1.0)
+    lr: float = _help("learning rate (full fine-tuning)", 5e-5)
+    batch_size: int = _help("examples per device batch", 8)
+    grad_accum: int = _help("gradient accumulation steps", 1)
+    max_length: int = _help("maximum tokens per example (prompt + response)", 256)
+    lr_scheduler: str = _help("learning-rate schedule (transformers names)", "constant")
+    warmup_steps: int = _help("linear warm-up steps", 0)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    bf16: bool = _help("compute in bf16", False)
+    logging_steps: int = _help("log every N steps", 10)
+    save_steps: int = _help("checkpoint every N steps; a rerun after an interruption resumes (0: no checkpoints)",
+                            0)
+    max_bad_steps: int = _help("stop after this many steps in a row with a non-finite loss or gradient", 5)
+    report_to: str = _help("none, tensorboard or wandb", "none")
+    rho: float = _help("Vaccine: norm of the hidden-state perturbation", 2.0)
+    vaccine_norm: str = _help("Vaccine: normalise each layer's perturbation (layer) or all jointly (global)",
+                              "layer")
+    booster_lambda: float = _help("Booster: weight of the harmful-perturbation regulariser", 5.0)
+    booster_alpha: float = _help("Booster: size of the simulated harmful step", 0.1)
+
+    def __post_init__(self):
+        for name, valid in (("method", ALIGNERS), ("lr_scheduler", [t.value for t in SchedulerType]),
+                            ("report_to", REPORT_TO), ("vaccine_norm", NORMS)):
+            if getattr(self, name) not in valid:
+                raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
+        for name, low in MINIMUMS.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("rho", "booster_lambda", "booster_alpha"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "epochs"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.harmful_data == "pure-bad":
+            raise UserError("harmful_data 'pure-bad' is the fine-tuning attack data; Booster's harmful data must "
+                            "come from another training source (default: pku-saferlhf-pairs, training side)")
+
+
+def aligned_home() -> Path:
+    return home_dir() / "aligned"
+
+
+def benign_sources(cfg: AlignConfig) -> list[str]:
+    sources = [s.strip() for s in cfg.benign_data.split(",") if s.strip()]
+    if not sources and cfg.n_benign:
+        raise UserError("benign_data names no dataset")
+    return sources
+
+
+def data_fingerprints(cfg: AlignConfig) -> dict:
+    """name, file and sha256 of every training source the method reads: a missing file fails here, before any
+    directory is made or model loaded."""
+    def found(name: str) -> dict:
+        info = fingerprint(name, "train")
+        if not str(name).startswith("hf:") and not Path(info["path"]).exists():
+            raise UserError(f"{info['path']}: file not found")
+        return info
+
+    data = {"refusal": found(cfg.refusal_data), "sensitive": found(cfg.sensitive_data),
+            "benign": [found(s) for s in benign_sources(cfg)]}
+    if cfg.method == "booster":
+        data["harmful"] = found(cfg.harmful_data)
+    return data
+
+
+def cache_key(cfg: AlignConfig, data: dict) -> str:
+    """Short hash of what determines the aligned model: the relevant settings and the data files' contents."""
+    other_methods = {f for method, names in METHOD_FIELDS.items() if method != cfg.method for f in names}
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_KEY | other_methods}
+    digests = {name: [d["sha256"] for d in found] if isinstance(found, list) else found["sha256"]
+               for name, found in data.items()}
+    return sha256_json({"settings": settings, "data": digests})[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text).rstrip("/")).name or "model").strip("._") or "model"
+
+
+def output_path(cfg: AlignConfig, key: str) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else aligned_home() / f"{_slug(cfg.model)}-{cfg.method}-{key}"
+
+
+# -- the directory's state ----------------------------------------------------------------------------------------
+def _recorded_key(out: Path) -> str | None:
+    try:
+        return json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("cache_key")
+    except (OSError, ValueError):
+        return None
+
+
+def finished(out: Path, key: str) -> dict | None:
+    """The manifest of a finished alignment with these settings in `out`, or None if there is none yet."""
+    if not (out / COMPLETE).is_file():
+        return None
+    if _recorded_key(out) != key:
+        raise UserError(f"{out} holds an aligned model made with other settings; choose another --output-dir "
+                        "or remove it")
+    return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+
+
+def claim(out: Path, cfg: AlignConfig, key: str) -> None:
+    """Record which settings `out` is being built with (so that a rerun with others cannot mix into it)."""
+    recorded = _recorded_key(out)
+    if recorded not in (None, key):
+        raise UserError(f"{out} holds an unfinished alignment with other settings; choose another --output-dir "
+                        "or remove it")
+    write_json(out / MANIFEST, {"cache_key": key, "status": "in progress", "config": asdict(cfg)})
+
+
+# -- entry point --------------------------------------------------------------------------------------------------
+def run_align(cfg: AlignConfig) -> dict:
+    """Align `cfg.model` (or find it already aligned) and return the manifest; `output_dir` says where it is."""
+    data = data_fingerprints(cfg)
+    key = cache_key(cfg, data)
+    out = output_path(cfg, key)
+    done = finished(out, key)
+    if done is None:
+        check_output_dir(out)
+        with output_lock(out):
+            done = finished(out, key)  # another process may have finished it before we took the lock
+            if done is None:
+                claim(out, cfg, key)
+                return {**_align(cfg, out, key, data), "output_dir": str(out), "reused": False}
+    return {**done, "output_dir": str(out), "reused": True}
+
+
+def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
+    start = time.time()
+    set_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model)
+    refusals = sample(load_examples(cfg.refusal_data, "train"), cfg.n_refusal, cfg.seed)
+    general, sensitive = benign_prompts(cfg)
+    before_generation = time.time()
+    answers = self_answers(model, tokenizer, general + sensitive, cfg, out)
+    generated = time.time()
+    features, counts = training_features(tokenizer, refusals, answers, cfg.max_length)
+    counts.update(n_general_prompts=len(general), n_sensitive_prompts=len(sensitive))
+    trainer = ALIGNERS[cfg.method](
+        model=prepare_full_finetune(model), args=training_arguments(cfg, out), train_dataset=features,
+        data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
+        max_bad_steps=cfg.max_bad_steps, **method_kwargs(cfg, tokenizer))
+    train_loss, steps, resume = _train(trainer, cfg, out)
+    save_model(trainer.model, out)
+    tokenizer.save_pretrained(out)
+    for folder in checkpoint_folders(out):  # the model is saved: optimiser states are gigabytes of nothing now
+        shutil.rmtree(folder, ignore_errors=True)
+    info = manifest(cfg, method=cfg.method, cache_key=key, status="complete", data=data, counts=counts,
+                    model=model_summary(trainer.model), train_loss=train_loss, global_steps=steps,
+                    resumed_from=str(resume) if resume else None,
+                    generation_s=round(generated - before_generation, 1),
+                    training_s=round(time.time() - generated, 1),
+                    wall_time_s=round(time.time() - start, 1))
+    write_json(out / MANIFEST, info)
+    write_text(out / COMPLETE, "")
+    return info
+
+
+def _train(trainer, cfg: AlignConfig, out: Path) -> tuple[float | None, int, Path | None]:
+    """Train, from the last complete checkpoint if there is one; returns (train loss, steps, checkpoint)."""
+    resume = last_complete_checkpoint(out) if cfg.save_steps else None
+    if resume is None:
+        (out / "train_log.jsonl").unlink(missing_ok=True)  # a fresh start: no steps of an abandoned attempt
+    elif 0 < cfg.max_steps <= step_of(resume):
+        # training had finished when the run was interrupted; resumed there, the Trainer would still take one step
+        # more when the last step falls mid-epoch, so the final checkpoint's weights are taken as they are
+        trainer._load_from_checkpoint(str(resume))
+        return None, step_of(resume), resume
+    result = trainer.train(resume_from_checkpoint=resume)
+    return result.training_loss, result.global_step, resume
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def _prompts(name: str) -> list[Example]:
+    """Prompts of a source; example datasets give their whole prompt (an Alpaca instruction with its input)."""
+    spec = REGISTRY.get(name)
+    records = load_examples(name, "train") if spec and spec.kind == "examples" else load_prompts(name, "train")
+    return [Example(r.messages) for r in records]
+
+
+def _take(pool: list[Example], n: int, taken: set, seed: int) -> list[Example]:
+    """n seeded prompts of `pool` not in `taken` (which they join)."""
+    chosen = []
+    for example in sample(pool, None, seed):
+        if len(chosen) == n:
+            break
+        if example.messages not in taken:
+            taken.add(example.messages)
+            chosen.append(example)
+    return chosen
+
+
+def benign_prompts(cfg: AlignConfig) -> tuple[list[Example], list[Example]]:
+    """(general benign prompts, an even share from each source; sensitive-looking benign prompts), no repeats."""
+    looks_sensitive = [p for p in _prompts(cfg.sensitive_data) if SENSITIVE_WORDS.search(p.prompt)]
+    taken: set = set()
+    sensitive = _take(looks_sensitive, cfg.n_sensitive, taken, cfg.seed)
+    sources = benign_sources(cfg)
+    general = []
+    for i, source in enumerate(sources):
+        share = cfg.n_benign // len(sources) + (i < cfg.n_benign % len(sources))
+        general += _take(_prompts(source), share, taken, cfg.seed)
+    for what, got, wanted in (("sensitive-looking", len(sensitive), cfg.n_sensitive),
+                              ("benign", len(general), cfg.n_benign)):
+        if got < wanted:
+            log.warning("only %d distinct %s prompts available (%d requested)", got, what, wanted)
+    return general, sensitive
+
+
+def model_identity(spec: str) -> str:
+    """What distinguishes one model from another for the answer cache: a built-in or Hub name as such, a local
+    directory by its config and its weight files' sizes and times."""
+    path = Path(spec).expanduser()
+    if spec.lower() in MODEL_NAMES or not (path / "config.json").is_file():
+        return spec.lower()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return sha256_json([str(path.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def answers_cache(cfg: AlignConfig) -> Path:
+    name = f"{_slug(cfg.model)}-{sha256_json([model_identity(cfg.model), cfg.max_new_tokens])[:12]}.jsonl"
+    return aligned_home() / "self-answers" / name
+
+
+def _read_answers(path: Path) -> dict:
+    """prompt key -> row; a torn last line (an interrupted append) is skipped."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["key"]] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+    return rows
+
+
+def _key(example: Example) -> str:
+    return json.dumps(example.chat, ensure_ascii=False)
+
+
+def self_answers(model, tokenizer, prompts: list[Example], cfg: AlignConfig, out: Path) -> list[dict]:
+    """The model's greedy answer to each prompt, from the cache or generated (shortest prompts first, each batch
+    appended to the cache as soon as it is done). The rows used are also written to `out`."""
+    cache = answers_cache(cfg)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    known = _read_answers(cache)
+    todo = [p for p in dict.fromkeys(prompts) if _key(p) not in known]
+    lengths = [len(prompt_ids(tokenizer, p.chat)) for p in todo]
+    batches = length_batches(lengths, cfg.gen_batch_size)
+    for batch in tqdm(batches, desc="self-answers", unit="batch", disable=not batches):
+        chats = [todo[i].chat for i in batch]
+        ids = generate_ids(model, tokenizer, chats, cfg.max_new_tokens, len(chats), progress=False)
+        for i, new in zip(batch, ids):
+            # shorter than the limit = stopped on its own (an answer of exactly max_new_tokens counts as cut)
+            row = {"key": _key(todo[i]), "messages": todo[i].chat, "finished": len(new) < cfg.max_new_tokens,
+                   "answer": tokenizer.decode(new, skip_special_tokens=True).strip()}
+            append_jsonl(cache, row)
+            known[row["key"]] = row
+    rows = [known[_key(p)] for p in prompts]
+    write_text(out / ANSWERS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def training_features(tokenizer, refusals: list[Example], answers: list[dict], max_length: int):
+    """Encoded refusals and self-answers (refusing or empty answers dropped; cut answers without their stop
+    token), and the counts for the manifest."""
+    features = encode_all(tokenizer, refusals, max_length, "refusal examples").features
+    n_refusal = len(features)
+    usable = [a for a in answers if a["answer"] and not is_refusal(a["answer"])]
+    for row in usable:
+        messages = [dict(m) for m in row["messages"]]
+        example = Example(tuple((m["role"], m["content"]) for m in messages), row["answer"])
+        feature = encode(tokenizer, example, max_length)
+        if feature is None:
+            continue
+        head, tail = response_ids(tokenizer, messages, row["answer"])
+        if not row["finished"] and len(feature["input_ids"]) == len(head) + len(tail):
+            feature["labels"][-1] = IGNORE  # the stop token we appended: a cut answer must not teach stopping
+        features.append(feature)
+    if not features:
+        raise UserError(f"no usable alignment examples within max_length={max_length}")
+    counts = {"n_refusal_examples": n_refusal, "n_self_answers": len(features) - n_refusal,
+              "n_self_answers_dropped_as_refusals": len(answers) - len(usable),
+              "n_self_answers_cut": sum(not a["finished"] for a in usable)}
+    return features, counts
+
+
+def method_kwargs(cfg: AlignConfig, tokenizer) -> dict:
+    """The arguments a method's trainer takes beyond the Trainer's own."""
+    if cfg.method == "vaccine":
+        return dict(rho=cfg.rho, norm=cfg.vaccine_norm)
+    if cfg.method == "booster":
+        pairs = sample(load_pairs(cfg.harmful_data, "train"), cfg.n_harmful, cfg.seed)
+        harmful = encode_all(tokenizer, [Example(p.messages, p.harmful) for p in pairs], cfg.max_length,
+                             "harmful examples").features
+        if not harmful:
+            raise UserError(f"{cfg.harmful_data}: no harmful examples within max_length={cfg.max_length}")
+        return dict(harmful_dataset=harmful, lamb=cfg.booster_lambda, alpha=cfg.booster_alpha)
+    return {}
