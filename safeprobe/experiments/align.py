@@ -56,6 +56,7 @@ from .train import REPORT_TO, _help, check_output_dir, save_model, training_argu
 log = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE, ANSWERS = "align.json", ".complete", "self_answers.jsonl"
+RECIPE = 1  # bump when the data recipe or training code changes what the same settings produce: new cache keys
 
 # Words that make a benign instruction look sensitive (whole words, any case). Not "password" (benign-looking) and
 # not prefixes like "rob"/"explo" (robot, explore).
@@ -170,7 +171,7 @@ def cache_key(cfg: AlignConfig, data: dict) -> str:
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_KEY | other_methods}
     digests = {name: [d["sha256"] for d in found] if isinstance(found, list) else found["sha256"]
                for name, found in data.items()}
-    return sha256_json({"settings": settings, "data": digests})[:12]
+    return sha256_json({"recipe": RECIPE, "settings": settings, "data": digests})[:12]
 
 
 def _slug(text: str) -> str:
