@@ -328,3 +328,12 @@ def test_cli_unbuilt_moderation_judge_says_how_to_build_it(tmp_path, monkeypatch
     monkeypatch.setenv("SAFEPROBE_HOME", str(tmp_path))
     code, _, err = _cli(capsys, "judge", "validate", "--judge", "moderation")
     assert code == 2 and "safeprobe judge train" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generation_flushes_subnormals_only_inside_its_block():
+    from safeprobe.evaluation.generate import flush_denormals
+    tiny = torch.tensor([1e-30], dtype=torch.float32)
+    with flush_denormals() as supported:
+        inside = float(tiny * 1e-10)
+    assert float(tiny * 1e-10) > 0  # IEEE subnormals again afterwards (training is untouched)
+    assert inside == (0.0 if supported else float(tiny * 1e-10))

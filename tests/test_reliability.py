@@ -234,40 +234,25 @@ def test_an_unwritable_output_directory_is_reported_before_training(tmp_path, ca
     assert code == 2 and "output directory is not writable" in err and len(err.splitlines()) == 1, err
 
 
-def test_a_rerun_demo_skips_the_stages_that_finished(tmp_path, monkeypatch):
+def test_the_demo_aligns_once_then_compares_the_methods_from_the_aligned_base(tmp_path, monkeypatch):
+    """The demo is `align` (cached) + `compare` (cached per run, resumable; see test_compare.py), wired here."""
     from rich.console import Console
 
     from safeprobe.experiments import demo
 
-    calls, crash = [], ["sap/eval"]
-
-    def fake_eval(model, adapter=None, output_dir=None, **settings):
-        calls.append(Path(output_dir).relative_to(tmp_path).as_posix())
-        if calls[-1] in crash:
-            crash.clear()
-            raise MemoryError("interrupted in the last stage")
-        return {"suites": {"jbb-harmful": {"metric": "harmful_score", "harmful_score": 0.5, "ci95": [0.2, 0.8],
-                                           "n": 4, "judge": "keyword"}}}
-
-    def fake_train(cfg):
-        assert cfg.resume  # an interrupted training run continues from its checkpoints
-        calls.append(f"train {cfg.method}")
-        weights = Path(cfg.output_dir) / "adapter_model.safetensors"
-        if not weights.exists():  # like run_train: a finished run is not repeated
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            weights.write_bytes(cfg.method.encode())
-
-    monkeypatch.setattr(demo, "run_eval", fake_eval)
-    monkeypatch.setattr(demo, "run_train", fake_train)
-    cfg, console = demo.DemoConfig(output_dir=str(tmp_path), quick=True), Console(quiet=True)
-    with pytest.raises(MemoryError):
-        demo.run_demo(cfg, console)
-    assert calls == ["base", "train sft", "sft/eval", "train sap", "sap/eval"]
-    calls.clear()
-    results = demo.run_demo(cfg, console)
-    assert calls == ["train sft", "train sap", "sap/eval"]  # base and sft evaluations were not redone
-    assert set(results) == {"base", "sft", "sap"}
-    (tmp_path / "sft" / "adapter_model.safetensors").write_bytes(b"retrained")
-    calls.clear()
-    demo.run_demo(cfg, console)
-    assert calls == ["train sft", "sft/eval", "train sap"]  # a changed adapter is evaluated again
+    aligned, compared = [], []
+    monkeypatch.setattr(demo, "run_align", lambda cfg: aligned.append(cfg) or {
+        "output_dir": str(tmp_path / "aligned"), "reused": len(aligned) > 1})
+    monkeypatch.setattr(demo, "run_compare", lambda cfg, console: compared.append(cfg) or {
+        "base": None, "main": {}, "runs": {}, "sweeps": {}})
+    monkeypatch.setattr(demo, "results_table", lambda results: "table")
+    for quick in (True, False):
+        demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path / "out"), quick=quick), Console(quiet=True))
+    assert [cfg.method for cfg in aligned] == ["plain", "plain"] and aligned[0].model == "smollm2-135m-instruct"
+    quick, full = compared
+    assert [m for m in quick.methods] == ["sft", "sap"] and full.methods == ["sft", "sap", "safeinstr", "lisa"]
+    for cfg in compared:  # every method starts from the aligned base, on the same poisoned SST-2 data and seed
+        assert cfg.base["model"] == str(tmp_path / "aligned") and cfg.base["poison_ratio"] == 0.1
+        assert cfg.base["task"] == "sst2" and cfg.seeds == [42] and cfg.include_base
+        assert cfg.output_dir == str(tmp_path / "out")
+    assert quick.base["max_steps"] < full.base["max_steps"] and quick.eval["limit"] < full.eval["limit"]

@@ -25,7 +25,7 @@ class EvalConfig:
                                                             "hf-classifier:PATH"})
     limit: int | None = field(default=None, metadata={"help": "at most this many prompts per suite"})
     max_new_tokens: int = field(default=128, metadata={"help": "answer length cap"})
-    batch_size: int = field(default=16, metadata={"help": "generation batch size"})
+    batch_size: int = field(default=32, metadata={"help": "generation batch size"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     output_dir: str = field(default="runs/eval", metadata={"help": "where eval.json, eval.md and "
                                                                    "generations.jsonl go"})

@@ -21,7 +21,7 @@ LOSS_MAX_LENGTH = 512  # prompt + gold answer tokens for the task test loss
 
 
 def evaluate(model, tokenizer, suites: list[str], judges=DEFAULT_JUDGES, limit: int | None = None,
-             max_new_tokens: int = 128, batch_size: int = 16, output_dir=None, progress: bool = True) -> dict:
+             max_new_tokens: int = 128, batch_size: int = 32, output_dir=None, progress: bool = True) -> dict:
     """Answer every suite greedily, judge / grade the answers, and return (and optionally write) the results.
 
     `judges` are names (or Judge objects). Returns {"suites": {name: summary}, "judges": {name: description},
@@ -129,7 +129,7 @@ def test_loss(model, tokenizer, examples, batch_size: int = 16) -> float | None:
 
 def run_eval(model_spec: str, adapter: str | None = None, suites=DEFAULT_SUITES, judges=DEFAULT_JUDGES,
              limit: int | None = None, output_dir: str = "runs/eval", max_new_tokens: int = 128,
-             batch_size: int = 16, dtype: str = "float32", progress: bool = True) -> dict:
+             batch_size: int = 32, dtype: str = "float32", progress: bool = True) -> dict:
     """Load `model_spec` (+ a PEFT adapter), evaluate, and write DIR/eval.json, eval.md, generations.jsonl."""
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}")

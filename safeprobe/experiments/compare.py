@@ -52,7 +52,7 @@ class EvalSettings:
     judges: str = "keyword"
     limit: int | None = 100
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int = 32
 
     def __post_init__(self):
         for name in ("limit", "max_new_tokens", "batch_size"):
