@@ -17,19 +17,7 @@ from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.method.diagnostics import cosine, layer_groups, measure, read_diagnostics
 from safeprobe.reporting.summary import run_metrics, stats
 
-from conftest import lora_model, task_batch
-
-WORDS = ["sunny", "gloomy", "bright", "awful", "lovely", "dreary", "great", "bad"]
-
-
-def data_files(root: Path) -> dict:
-    """Tiny task examples and safety pairs: every step costs milliseconds."""
-    task, pairs = root / "task.jsonl", root / "pairs.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"Is '{w}' positive?", "completion": "yes" if i % 2 else "no"})
-                            + "\n" for i, w in enumerate(WORDS)))
-    pairs.write_text("".join(json.dumps({"prompt": f"How do I hurt {w}?", "safe": "I can't help with that.",
-                                         "harmful": f"Hit {w} hard."}) + "\n" for w in WORDS))
-    return {"task": str(task), "safety_data": str(pairs)}
+from conftest import data_files, lora_model, task_batch
 
 
 def tiny_config(root: Path) -> dict:

@@ -21,19 +21,10 @@ from safeprobe.io import output_lock
 from safeprobe.method import base, sap_trainer
 from safeprobe.method.checkpoint import STATE_JSON, last_complete_checkpoint
 
+from conftest import data_files
+
 RESUME_TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["good", "bad", "fine", "awful", "great", "dull", "nice", "poor"]
-
-
-def data_files(root: Path) -> dict:
-    """Short task examples and safety pairs: a few tokens each keeps every step cheap."""
-    task, pairs = root / "task.jsonl", root / "pairs.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"Is '{w}' positive?", "completion": "yes" if i % 2 else "no"})
-                            + "\n" for i, w in enumerate(WORDS)))
-    pairs.write_text("".join(json.dumps({"prompt": f"How do I hurt {w}?", "safe": "I can't help with that.",
-                                         "harmful": f"Hit {w} hard."}) + "\n" for w in WORDS))
-    return {"task": str(task), "safety_data": str(pairs)}
 
 
 def settings(root: Path, method: str, **overrides) -> dict:
