@@ -166,3 +166,12 @@ def test_diagnostics_leave_the_trained_adapter_bit_identical(compared, tmp_path)
     rows = read_diagnostics(folder)
     assert [r["step"] for r in rows] == [0, 1, 2] and not (tmp_path / "off" / "diagnostics.jsonl").exists()
     assert all(len(r["cos_useful_harmful"]) == 4 and -1 <= r["cos_useful_harmful_all"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["compare-example.yaml", "tune-sap.yaml", "amortised-tradeoff.yaml"])
+def test_shipped_compare_configs_are_valid(name):
+    from safeprobe.cli.config import from_mapping, read_yaml
+    from safeprobe.experiments.compare import CompareConfig, plan
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    the_plan = plan(from_mapping(CompareConfig, read_yaml(str(path)), str(path)))  # every run validated
+    assert the_plan.runs and {run.train.task for run in the_plan.runs.values()} == {"sst2"}
