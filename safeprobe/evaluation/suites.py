@@ -8,7 +8,8 @@ Three kinds:
 - task (metric `accuracy` with the literature's parsers, plus `test_loss`, the teacher-forced loss of the gold
   answers): sst2 (GLUE validation), agnews (test), gsm8k (test).
 The `*-val` / `val-*` suites are validation sides of training sources (see the registry's `validation`), for
-tuning settings without looking at the evaluation suites. Suites keep their file order; `limit` takes the first items (the literature reports the first 500).
+tuning settings without looking at the evaluation suites. Suites keep their file order; `limit` takes the first
+items (the literature reports the first 500).
 
 PKU-SafeRLHF is split once, by prompt, in the data registry (`pku-saferlhf-pairs`, train / test sides). The
 `pku-heldout` suite uses the test side's prompts; SAP training and the moderation judge use only the train
