@@ -58,17 +58,24 @@ def _label(row: dict, key: str, names: dict, where: str) -> str:
         raise UserError(f"{where}: field '{key}' must be one of {sorted(names)}") from None
 
 
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key, "")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{key}' must be text, got {type(value).__name__}")
+    return value.strip()
+
+
 def format_sst2(row: dict, where: str) -> Example:
     answer = _label(row, "label", SST2_LABELS, where)
     prompt = ("Analyze the sentiment of the following sentence and answer with one word, "
-              f"positive or negative.\nSentence: {row.get('sentence', '').strip()}")
+              f"positive or negative.\nSentence: {_text(row, 'sentence', where)}")
     return Example(user_turn(prompt), answer, {"label": answer})
 
 
 def format_agnews(row: dict, where: str) -> Example:
     answer = _label(row, "label", AGNEWS_LABELS, where)
     prompt = ("Categorize the news article into one of four categories: World, Sports, Business, "
-              f"Sci/Tech. Answer with the category only.\nArticle: {row.get('text', '').strip()}")
+              f"Sci/Tech. Answer with the category only.\nArticle: {_text(row, 'text', where)}")
     return Example(user_turn(prompt), answer, {"label": answer})
 
 
