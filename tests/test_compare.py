@@ -175,3 +175,14 @@ def test_shipped_compare_configs_are_valid(name):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     the_plan = plan(from_mapping(CompareConfig, read_yaml(str(path)), str(path)))  # every run validated
     assert the_plan.runs and {run.train.task for run in the_plan.runs.values()} == {"sst2"}
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_demo_protocol_is_a_valid_comparison(quick):
+    from safeprobe.experiments.compare import plan
+    from safeprobe.experiments.demo import DemoConfig, compare_config
+    the_plan = plan(compare_config(DemoConfig(quick=quick), "aligned-base-dir"))  # every run validated
+    methods = {run.train.method for run in the_plan.runs.values()}
+    assert methods == ({"sft", "sap"} if quick else {"sft", "sap", "safeinstr", "lisa"})
+    assert {run.train.model for run in the_plan.runs.values()} == {"aligned-base-dir"}
+    assert all(run.train.poison_ratio == 0.1 for run in the_plan.runs.values())

@@ -36,8 +36,11 @@ class DemoConfig:
 # eps and beta were chosen on the validation suites (val-harmful, sst2-val), never on the evaluation suites.
 TRAIN = dict(task="sst2", n=1000, poison_ratio=0.1, batch_size=8, lr=3e-4, max_length=128, lora_r=8,
              n_safety=32, safety_batch_size=4, eps=0.05, beta=0.05, logging_steps=5, save_steps=10)
-FULL = dict(methods=["sft", "sap", "safeinstr", "lisa"], max_steps=60, limit=50)
-QUICK = dict(methods=["sft", "sap"], max_steps=20, limit=25)
+FULL = dict(methods=["sft", "sap", "safeinstr", "lisa"], train=dict(max_steps=60), eval=dict(limit=50))
+# --quick fits in 8 minutes once the base is cached: fewer steps, prompts and diagnostics points, shorter answers
+# (the keyword judge sees a refusal in the first sentence)
+QUICK = dict(methods=["sft", "sap"], train=dict(max_steps=16, diagnostics_every=4),
+             eval=dict(limit=20, max_new_tokens=32))
 EVAL = dict(suites=["jbb-harmful", "advbench", "xstest-safe", "sst2"], judges=["keyword"], max_new_tokens=48,
             batch_size=25)
 
@@ -45,8 +48,8 @@ EVAL = dict(suites=["jbb-harmful", "advbench", "xstest-safe", "sst2"], judges=["
 def compare_config(cfg: DemoConfig, aligned_model: str) -> CompareConfig:
     scale = QUICK if cfg.quick else FULL
     return CompareConfig(
-        output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, "max_steps": scale["max_steps"]},
-        methods=scale["methods"], seeds=[cfg.seed], include_base=True, eval={**EVAL, "limit": scale["limit"]})
+        output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, **scale["train"]},
+        methods=scale["methods"], seeds=[cfg.seed], include_base=True, eval={**EVAL, **scale["eval"]})
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> dict:
