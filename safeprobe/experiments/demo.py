@@ -32,10 +32,15 @@ class DemoConfig:
     seed: int = field(default=42, metadata={"help": "seed"})
 
 
-# The protocol at CPU scale: SST-2 with 10% harmful (prompt, answer) pairs, LoRA r = 8, batch 8, lr 3e-4. SAP's
-# eps and beta were chosen on the validation suites (val-harmful, sst2-val), never on the evaluation suites.
+# The protocol at CPU scale: SST-2 with 10% harmful (prompt, answer) pairs, LoRA r = 8, batch 8, lr 3e-4.
 TRAIN = dict(task="sst2", n=1000, poison_ratio=0.1, batch_size=8, lr=3e-4, max_length=128, lora_r=8,
              n_safety=32, safety_batch_size=4, eps=0.05, beta=0.05, logging_steps=5, save_steps=10)
+# SAP's probe strength, chosen on training data only: with the paper's beta the probe is about 0.003 long on this
+# model and SAP's step is SFT's to the last digit; a probe of norm 3 cancels SFT's first-order drift toward the
+# harmful direction several times over (benchmarks/probe_strength.py). On the validation suites (val-harmful,
+# sst2-val; never the evaluation suites) it has not lowered the harmful score yet (README, "Results so far").
+# The other methods ignore SAP's knobs.
+SAP = dict(probe_norm=3.0)
 FULL = dict(methods=["sft", "sap", "safeinstr", "lisa"], train=dict(max_steps=60), eval=dict(limit=50))
 # --quick fits in 8 minutes once the base is cached: fewer steps, prompts and diagnostics points, shorter answers
 # (the keyword judge sees a refusal in the first sentence)
@@ -49,7 +54,7 @@ def compare_config(cfg: DemoConfig, aligned_model: str) -> CompareConfig:
     scale = QUICK if cfg.quick else FULL
     return CompareConfig(
         output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, **scale["train"]},
-        methods=scale["methods"], seeds=[cfg.seed], include_base=True, eval={**EVAL, **scale["eval"]})
+        methods={name: SAP if name == "sap" else {} for name in scale["methods"]}, seeds=[cfg.seed], include_base=True, eval={**EVAL, **scale["eval"]})
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> dict:
