@@ -44,7 +44,7 @@ SAP = dict(probe_norm=3.0)
 FULL = dict(methods=["sft", "sap", "safeinstr", "lisa"], train=dict(max_steps=60), eval=dict(limit=50))
 # --quick fits in 8 minutes once the base is cached: fewer steps, prompts and diagnostics points, shorter answers
 # (the keyword judge sees a refusal in the first sentence)
-QUICK = dict(methods=["sft", "sap"], train=dict(max_steps=16, diagnostics_every=4),
+QUICK = dict(methods=["sft", "sap"], train=dict(max_steps=10, diagnostics_every=5),
              eval=dict(limit=20, max_new_tokens=32))
 EVAL = dict(suites=["jbb-harmful", "advbench", "xstest-safe", "sst2"], judges=["keyword"], max_new_tokens=48,
             batch_size=25)
