@@ -241,7 +241,8 @@ def test_the_demo_aligns_once_then_compares_the_methods_from_the_aligned_base(tm
         demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path / "out"), quick=quick), Console(quiet=True))
     assert [cfg.method for cfg in aligned] == ["plain", "plain"] and aligned[0].model == "smollm2-135m-instruct"
     quick, full = compared
-    assert [m for m in quick.methods] == ["sft", "sap"] and full.methods == ["sft", "sap", "safeinstr", "lisa"]
+    assert list(quick.methods) == ["sft", "sap"] and list(full.methods) == ["sft", "sap", "safeinstr", "lisa"]
+    assert all(cfg.methods["sap"] == demo.SAP and cfg.methods["sft"] == {} for cfg in compared)
     for cfg in compared:  # every method starts from the aligned base, on the same poisoned SST-2 data and seed
         assert cfg.base["model"] == str(tmp_path / "aligned") and cfg.base["poison_ratio"] == 0.1
         assert cfg.base["task"] == "sst2" and cfg.seeds == [42] and cfg.include_base
