@@ -95,8 +95,7 @@ def measure(model, probe, params, batch, pairs, eps: float, norms: list[float]) 
 
 def main():
     args = parse_args()
-    torch.manual_seed(args.seed)
-    set_seed(args.seed)
+    set_seed(args.seed)  # python, numpy and torch
     norms = [float(x) for x in args.norms.split(",")]
     cfg = TrainConfig(method="sap", model=args.model, task=args.task, safety_data=args.safety_data, n=args.n,
                       poison_ratio=args.poison_ratio, batch_size=args.batch, max_length=args.max_length,
