@@ -177,6 +177,22 @@ def test_shipped_compare_configs_are_valid(name):
     assert the_plan.runs and {run.train.task for run in the_plan.runs.values()} == {"sst2"}
 
 
+def test_the_demo_table_gives_mean_and_spread_over_seeds(compared):
+    from rich.console import Console
+
+    from safeprobe.experiments.demo import results_table
+    _, _, _, results = compared
+    console = Console(record=True, width=200)
+    console.print(results_table(results))
+    text = console.export_text()
+    rows = {line.split()[1]: line for line in text.splitlines() if line.split()[1:2] in (["sft"], ["sap"])}
+    assert set(rows) == {"sft", "sap"} and "2 seed(s)" in text
+    for label, runs in (("sft", ["sft-s1", "sft-s2"]), ("sap", ["sap-s1", "sap-s2"])):
+        scores = [results["runs"][r]["eval"]["advbench"]["harmful_score"] for r in runs]
+        spread = stats(scores)
+        assert f"{100 * spread['mean']:.0f}% +- {100 * spread['std']:.0f}" in rows[label]
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_demo_protocol_is_a_valid_comparison(quick):
     from safeprobe.experiments.compare import plan

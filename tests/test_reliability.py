@@ -248,3 +248,20 @@ def test_the_demo_aligns_once_then_compares_the_methods_from_the_aligned_base(tm
         assert cfg.base["task"] == "sst2" and cfg.seeds == [42] and cfg.include_base
         assert cfg.output_dir == str(tmp_path / "out")
     assert quick.base["max_steps"] < full.base["max_steps"] and quick.eval["limit"] < full.eval["limit"]
+
+
+def test_the_demo_runs_consecutive_seeds_from_one_aligned_base(tmp_path, monkeypatch, capsys):
+    from rich.console import Console
+
+    from safeprobe.experiments import demo
+
+    aligned, compared = [], []
+    monkeypatch.setattr(demo, "run_align", lambda cfg: aligned.append(cfg) or {
+        "output_dir": str(tmp_path / "aligned"), "reused": False})
+    monkeypatch.setattr(demo, "run_compare", lambda cfg, console: compared.append(cfg) or {})
+    monkeypatch.setattr(demo, "results_table", lambda results: "table")
+    demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path / "out"), seed=7, seeds=3), Console(quiet=True))
+    assert [cfg.seed for cfg in aligned] == [7] and compared[0].seeds == [7, 8, 9]
+    code = main(["demo", "--output-dir", str(tmp_path / "out"), "--seeds", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--seeds must be >= 1" in err and len(err.splitlines()) == 1, err

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
-from ..reporting.summary import run_metrics, summarise
+from ..errors import UserError
+from ..reporting.summary import run_metrics, stats, summarise
 from .align import AlignConfig, run_align
 from .compare import CompareConfig, run_compare
 from .train import check_output_dir
@@ -29,7 +30,9 @@ class DemoConfig:
     output_dir: str = field(default="runs/demo", metadata={"help": "where runs and the report go"})
     quick: bool = field(default=False, metadata={"help": "a smaller slice: fewer steps and prompts, SFT and SAP"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "the instruct model to align, then tune"})
-    seed: int = field(default=42, metadata={"help": "seed"})
+    seed: int = field(default=42, metadata={"help": "seed of the alignment and of the first fine-tuning run"})
+    seeds: int = field(default=1, metadata={"help": "fine-tuning seeds: seed, seed + 1, ... (the table gives mean "
+                                                    "+- std); runs finished for fewer seeds are reused"})
 
 
 # The protocol at CPU scale: SST-2 with 10% harmful (prompt, answer) pairs, LoRA r = 8, batch 8, lr 3e-4.
@@ -54,12 +57,14 @@ def compare_config(cfg: DemoConfig, aligned_model: str) -> CompareConfig:
     scale = QUICK if cfg.quick else FULL
     return CompareConfig(
         output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, **scale["train"]},
-        methods={name: SAP if name == "sap" else {} for name in scale["methods"]}, seeds=[cfg.seed],
+        methods={name: SAP if name == "sap" else {} for name in scale["methods"]}, seeds=[cfg.seed + i for i in range(cfg.seeds)],
         include_base=True, eval={**EVAL, **scale["eval"]})
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> dict:
     """Rerun after an interruption: the aligned base is cached, finished runs are skipped, training resumes."""
+    if cfg.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {cfg.seeds}")
     out = check_output_dir(cfg.output_dir)
     console.rule(f"[bold]alignment: {cfg.model} -> aligned base (cached after the first demo)")
     aligned = run_align(AlignConfig(model=cfg.model, method="plain", seed=cfg.seed))
@@ -71,16 +76,24 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
 
 
 def results_table(results: dict) -> Table:
-    """Harmful score, over-refusal and accuracy of the aligned base and of each method (one seed: no spread)."""
+    """Harmful score, over-refusal and accuracy of the aligned base and of each method (mean +- std over seeds)."""
     summary, _ = summarise(results)
-    rows = {"aligned base": run_metrics(results["base"]["eval"])} if results.get("base") else {}
+    rows = {"aligned base": {k: stats([v]) for k, v in run_metrics(results["base"]["eval"]).items()}} \
+        if results.get("base") else {}
     for label, aggregate in next(iter(summary.values())).items():
-        rows[label] = {key: stat["mean"] for key, stat in aggregate["figures"].items()}
+        rows[label] = aggregate["figures"]
     keys = [k for k in next(iter(rows.values())) if "/" in k and not k.endswith("test_loss")]
-    table = Table(title="safeprobe demo (harmful score: keyword judge; % of prompts)")
+    seeds = max(stat["n"] for figures in rows.values() for stat in figures.values())
+    table = Table(title=f"safeprobe demo (harmful score: keyword judge; % of prompts; {seeds} seed(s))")
     table.add_column("model")
     for key in keys:
         table.add_column(key.replace("/", " "))
     for label, figures in rows.items():
-        table.add_row(label, *["-" if figures.get(k) is None else f"{100 * figures[k]:.0f}%" for k in keys])
+        table.add_row(label, *[_percent(figures.get(k)) for k in keys])
     return table
+
+
+def _percent(stat: dict | None) -> str:
+    if stat is None or stat["mean"] is None:
+        return "-"
+    return f"{100 * stat['mean']:.0f}%" + ("" if stat["std"] is None else f" +- {100 * stat['std']:.0f}")
