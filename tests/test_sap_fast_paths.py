@@ -185,3 +185,71 @@ def test_sap_trainer_trains_the_same_adapter_with_and_without_lower_layer_sharin
     shared, plain = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("shared", "plain"))
     assert shared.keys() == plain.keys()
     assert all(torch.allclose(shared[k], plain[k], rtol=1e-5, atol=1e-7) for k in shared)
+
+
+def test_the_shared_prompt_layout_rebuilds_every_safe_and_harmful_sequence():
+    from safeprobe.data.tokenize import PairCollator, encode_pairs
+    _, tok = lora_model()
+    batch = pair_batch(tok)
+    shared, n = batch["shared_prompt"], batch["n_pairs"]
+
+    def unpadded(ids, mask):
+        return [int(t) for t, m in zip(ids, mask) if m]
+    for row in range(2 * n):
+        pair = row % n
+        prefix = unpadded(shared["prefix_ids"][pair], shared["prefix_mask"][pair])
+        tail = unpadded(shared["input_ids"][row], shared["attention_mask"][row])
+        assert prefix + tail == unpadded(batch["input_ids"][row], batch["attention_mask"][row])
+        labels = [int(y) for y in shared["labels"][row]]
+        original = [int(y) for y in batch["labels"][row] if y != -100]
+        assert [y for y in labels if y != -100] == original and labels[0] == -100  # no label in a prefix
+        positions = [int(p) for p, m in zip(shared["position_ids"][row], shared["attention_mask"][row]) if m]
+        assert positions == list(range(len(prefix), len(prefix) + len(tail)))
+    assert shared["prefix_mask"].sum() > 0
+    assert shared["prefix_ids"].numel() + shared["input_ids"].numel() < batch["input_ids"].numel()
+    # answers that differ from their first token on (and nothing to share) give no shared layout
+    lone = [{"input_ids": [5, 6], "labels": [-100, 6], "attention_mask": [1, 1]}]
+    assert PairCollator(tok)([{"safe": f, "harmful": f} for f in lone]).get("shared_prompt") is None
+    assert encode_pairs  # the layout comes from the same encoder the trainer uses
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])
+@pytest.mark.parametrize("kind", ["paper", "dpo"])
+def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
+    from safeprobe.method.shared_prompt import SharedPromptPass
+    model, tok = lora_model(name)
+    model.eval()  # no dropout: the two layouts must agree to rounding
+    batch, params = pair_batch(tok), params_of(model)
+    shared = SharedPromptPass()
+    s_shared, loss_shared = safety_direction(model, params, batch, kind, shared)
+    s_padded, loss_padded = safety_direction(model, params, batch, kind)
+    assert shared.verified is True
+    # fp64 weights, but rotary embeddings are computed in fp32 (their last bits depend on the tensor's shape)
+    assert torch.allclose(loss_shared, loss_padded, rtol=1e-6, atol=0)
+    error = global_norm([a - b for a, b in zip(s_shared, s_padded)]) / global_norm(s_padded)
+    assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
+
+
+def test_a_model_that_cannot_continue_a_prompt_cache_falls_back_to_the_padded_batch(monkeypatch, caplog):
+    from safeprobe.method import shared_prompt
+    model, tok = lora_model()
+    batch, params = pair_batch(tok), params_of(model)
+    # a model that ignores the cache: its continuations lose their prompts
+    monkeypatch.setattr(shared_prompt, "DynamicCache", lambda config: None)
+    shared = shared_prompt.SharedPromptPass()
+    with same_randomness(0, torch.device("cpu")):
+        s_fallback, _ = safety_direction(model, params, batch, "paper", shared)
+    with same_randomness(0, torch.device("cpu")):
+        s_padded, _ = safety_direction(model, params, batch, "paper")
+    assert shared.verified is False and "uses the padded batch" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(s_fallback, s_padded))  # the check drew no random numbers
+
+
+def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_path, monkeypatch):
+    from safeprobe.method import shared_prompt
+    calls = []
+    original = shared_prompt.shared_prompt_logprobs
+    monkeypatch.setattr(shared_prompt, "shared_prompt_logprobs", lambda *a: calls.append(1) or original(*a))
+    run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=4, max_steps=2,
+                          batch_size=4, safety_batch_size=2, max_length=96, output_dir=str(tmp_path / "out")))
+    assert len(calls) == 3  # the one-time check, then step 1 of each of the two steps

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from transformers import DataCollatorForSeq2Seq
 
 from .records import Example, SafetyPair
@@ -98,12 +99,57 @@ def collator(tokenizer):
 
 
 class PairCollator:
-    """Batch of pairs -> one padded batch: the safe answers first, then the harmful ones."""
+    """Batch of pairs -> one padded batch: the safe answers first, then the harmful ones. Also laid out as
+    `shared_prompt` (see `shared_prompt_layout`), for a pass that runs each pair's prompt once."""
 
     def __init__(self, tokenizer):
         self.pad = collator(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __call__(self, pairs: list[dict]) -> dict:
-        batch = self.pad([p["safe"] for p in pairs] + [p["harmful"] for p in pairs])
+        safe, harmful = [p["safe"] for p in pairs], [p["harmful"] for p in pairs]
+        batch = self.pad(safe + harmful)
         batch["n_pairs"] = len(pairs)
+        shared = shared_prompt_layout(safe, harmful, self.pad_id)
+        if shared is not None:
+            batch["shared_prompt"] = shared
         return batch
+
+
+def shared_prompt_layout(safe: list[dict], harmful: list[dict], pad_id: int) -> dict | None:
+    """The pairs as common prefixes (left-padded, one row per pair) and continuations (right-padded, the safe
+    ones first): prefix i followed by continuation i or n + i is the safe or the harmful sequence of pair i.
+
+    A prefix ends one token before the first labelled token of either answer, so every labelled token is
+    predicted from inside its continuation. Position ids count real tokens only. None when no pair shares a
+    prefix of at least one token.
+    """
+    cuts = [_shared_prefix_length(s, h) for s, h in zip(safe, harmful)]
+    if max(cuts) == 0:
+        return None
+    width = max(cuts)
+    tails = [(f, c) for f, c in zip(safe + harmful, cuts + cuts)]
+    length = max(len(f["input_ids"]) - c for f, c in tails)
+
+    def right_pad(values: list, fill) -> list:
+        return values + [fill] * (length - len(values))
+    return {
+        "prefix_ids": torch.tensor([[pad_id] * (width - c) + s["input_ids"][:c] for s, c in zip(safe, cuts)]),
+        "prefix_mask": torch.tensor([[0] * (width - c) + [1] * c for c in cuts]),
+        "prefix_positions": torch.tensor([[0] * (width - c) + list(range(c)) for c in cuts]),
+        "input_ids": torch.tensor([right_pad(f["input_ids"][c:], pad_id) for f, c in tails]),
+        "labels": torch.tensor([right_pad(f["labels"][c:], IGNORE) for f, c in tails]),
+        "attention_mask": torch.tensor([right_pad([1] * (len(f["input_ids"]) - c), 0) for f, c in tails]),
+        "position_ids": torch.tensor([list(range(c, c + length)) for _, c in tails]),
+    }
+
+
+def _shared_prefix_length(a: dict, b: dict) -> int:
+    first_label = min(_first_labelled(a), _first_labelled(b))
+    common = next((i for i, (x, y) in enumerate(zip(a["input_ids"], b["input_ids"])) if x != y),
+                  min(len(a["input_ids"]), len(b["input_ids"])))
+    return max(0, min(common, first_label) - 1)
+
+
+def _first_labelled(features: dict) -> int:
+    return next(i for i, label in enumerate(features["labels"]) if label != IGNORE)

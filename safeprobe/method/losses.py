@@ -10,8 +10,9 @@ IGNORE = -100
 
 
 def _model_inputs(batch: dict) -> dict:
-    """What a teacher-forced pass feeds the model (no KV cache: nothing is generated)."""
-    return {**{k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}, "use_cache": False}
+    """What a teacher-forced pass feeds the model: a KV cache only when the batch continues a cached prefix."""
+    keys = ("input_ids", "attention_mask", "position_ids", "past_key_values")
+    return {**{k: batch[k] for k in keys if k in batch}, "use_cache": "past_key_values" in batch}
 
 
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +25,7 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     rows, cols = mask.nonzero(as_tuple=True)
-    with _head_only_at(model, rows, cols):
+    with head_only_at(model, rows, cols):
         # [labelled positions, vocab]; squeeze is a view both ways ([0] would zero-fill a logits-sized gradient)
         logits = model(**_model_inputs(batch)).logits.squeeze(0)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 softmax even under bf16
@@ -33,7 +34,7 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _head_only_at(model, rows: torch.Tensor, cols: torch.Tensor):
+def head_only_at(model, rows: torch.Tensor, cols: torch.Tensor):
     """Feed the output head the hidden states at (rows, cols) only, as one sequence: logits [1, n, vocab].
 
     A pre-hook on the head rather than our own head call, so whatever the model applies after its head
@@ -53,15 +54,16 @@ def response_loss(model, batch: dict) -> torch.Tensor:
     return -logp.sum() / mask.sum().clamp_min(1)
 
 
-def contrastive_safety_loss(model, pair_batch: dict, kind: str = "paper") -> torch.Tensor:
-    """L_safety: lower = the model prefers the safe answer. `pair_batch` holds n safe rows then n harmful rows.
+def contrastive_safety_loss(model, pair_batch: dict, kind: str = "paper", logprobs=token_logprobs) -> torch.Tensor:
+    """L_safety: lower = the model prefers the safe answer. `pair_batch` holds n safe rows then n harmful rows;
+    `logprobs(model, pair_batch)` scores them (token_logprobs, or the shared-prompt pass of SAP step 1).
 
     paper: L(D_safe) - L(D_harmful), each a mean token loss (SAP.md section 2).
     dpo:   the authors' code, -log sigmoid(sum log p(safe) - sum log p(harmful)), mean over pairs
            (no length normalisation; saturates, kept as an option).
     """
     n = pair_batch["n_pairs"]
-    logp, mask = token_logprobs(model, pair_batch)
+    logp, mask = logprobs(model, pair_batch)
     if kind == "paper":
         safe = -logp[:n].sum() / mask[:n].sum().clamp_min(1)
         harmful = -logp[n:].sum() / mask[n:].sum().clamp_min(1)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .losses import contrastive_safety_loss, response_loss
+from .losses import contrastive_safety_loss, response_loss, token_logprobs
 from .shared_forward import SharedLowerForward
+from .shared_prompt import SharedPromptPass
 
 EPS_MODES = ("relative", "absolute")
 SAFETY_LOSSES = ("paper", "dpo")
@@ -68,9 +69,12 @@ def global_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
-def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "paper"):
-    """Step 1: s = grad_W L_safety(W) over the trainable tensors (no .grad is touched). Returns (s, L_safety)."""
-    loss = contrastive_safety_loss(model, pair_batch, loss_kind)
+def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "paper",
+                     shared: SharedPromptPass | None = None):
+    """Step 1: s = grad_W L_safety(W) over the trainable tensors (no .grad is touched). Returns (s, L_safety).
+
+    With `shared`, each pair's prompt runs once for both answers (see `shared_prompt`)."""
+    loss = contrastive_safety_loss(model, pair_batch, loss_kind, shared.logprobs if shared else token_logprobs)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     s = [at_least_fp32(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
     return s, loss.detach()

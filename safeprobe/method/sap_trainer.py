@@ -24,6 +24,7 @@ from .checkpoint import numbered, unnumbered
 from .probe import Probe
 from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
 from .shared_forward import SharedLowerForward
+from .shared_prompt import SharedPromptPass
 
 
 class SAPTrainer(SafeprobeTrainer):
@@ -42,6 +43,8 @@ class SAPTrainer(SafeprobeTrainer):
         # checkpointing, which would recompute them from inside the shared graph)
         self._shared = SharedLowerForward(self.model, self.probe.layers[0],
                                           enabled=not self.args.gradient_checkpointing)
+        # step 1 runs each safety pair's prompt once for both answers (checked against the padded batch once)
+        self._shared_prompt = SharedPromptPass(enabled=not self.args.gradient_checkpointing)
         # default: as many safety sequences (safe + harmful) as task examples, so step 1 costs one task batch
         safety_batch_size = safety_batch_size or max(1, self.args.per_device_train_batch_size // 2)
         self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
@@ -82,7 +85,8 @@ class SAPTrainer(SafeprobeTrainer):
         if force or self._s is None or step - self._s_step >= self.sap.safety_every:
             batch = self._next_safety_batch()
             with same_randomness(self._seed(1), batch["input_ids"].device):
-                s, safety_loss = safety_direction(model, self._params, batch, self.sap.safety_loss)
+                s, safety_loss = safety_direction(model, self._params, batch, self.sap.safety_loss,
+                                                  self._shared_prompt)
             s = self._mean_across_ranks(s)
             self.record(safety_loss=safety_loss, s_norm=global_norm(s))
             if not all_finite([safety_loss, *s]):
