@@ -82,7 +82,8 @@ def test_report_is_self_contained(compared):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 5  # trade-off, frontier, task loss, layer cosines, losses
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)  # no external asset, no link out
-    assert "http" not in page and "<script" not in page
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)  # base64 may spell "http" by chance
+    assert "http" not in text and "<script" not in text
     assert "judge: keyword" in page and "frontier lies below" in page
     markdown = (out / "report.md").read_text()
     for name in re.findall(r"\(figures/([^)]+)\)", markdown):
