@@ -128,7 +128,7 @@ def shared_prompt_layout(safe: list[dict], harmful: list[dict], pad_id: int) -> 
     if max(cuts) == 0:
         return None
     width = max(cuts)
-    tails = [(f, c) for f, c in zip(safe + harmful, cuts + cuts)]
+    tails = list(zip(safe + harmful, cuts + cuts))  # (features, prefix length) of every row
     length = max(len(f["input_ids"]) - c for f, c in tails)
 
     def right_pad(values: list, fill) -> list:

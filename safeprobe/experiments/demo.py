@@ -57,8 +57,8 @@ def compare_config(cfg: DemoConfig, aligned_model: str) -> CompareConfig:
     scale = QUICK if cfg.quick else FULL
     return CompareConfig(
         output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, **scale["train"]},
-        methods={name: SAP if name == "sap" else {} for name in scale["methods"]}, seeds=[cfg.seed + i for i in range(cfg.seeds)],
-        include_base=True, eval={**EVAL, **scale["eval"]})
+        methods={name: SAP if name == "sap" else {} for name in scale["methods"]},
+        seeds=[cfg.seed + i for i in range(cfg.seeds)], include_base=True, eval={**EVAL, **scale["eval"]})
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> dict:
