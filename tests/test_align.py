@@ -140,15 +140,27 @@ def test_sensitive_words_match_benign_look_alikes_not_substrings():
     assert not any(align.SENSITIVE_WORDS.search(t) for t in misses)
 
 
+def test_practical_questions_are_a_users_how_to_questions():
+    hits = ["How can I make an affordable monthly budget?", "What is the best way to approach a difficult problem?",
+            "Where can I find a good recipe?", "Can you suggest a name for a company?"]
+    misses = ["How would you describe the taste of chocolate?", "Why is the sky blue?", "Name a colour.",
+              "Describe how you can fix a bike."]
+    assert all(align.PRACTICAL_QUESTION.match(t) for t in hits)
+    assert not any(align.PRACTICAL_QUESTION.match(t) for t in misses)
+
+
 def test_benign_prompts_come_from_training_sources_only_without_repeats():
-    cfg = align.AlignConfig(n_benign=30, n_sensitive=20)
-    general, sensitive = align.benign_prompts(cfg)
-    assert len(general) == 30 and len(sensitive) == 20
-    assert len({p.messages for p in general + sensitive}) == 50
-    assert all(align.SENSITIVE_WORDS.search(p.prompt) for p in sensitive)
+    cfg = align.AlignConfig(n_benign=30, n_sensitive=20, n_questions=25)
+    buckets = align.benign_prompts(cfg)
+    assert {name: len(bucket) for name, bucket in buckets.items()} == {"sensitive": 20, "question": 25, "general": 30}
+    prompts = [p for bucket in buckets.values() for p in bucket]
+    assert len({p.messages for p in prompts}) == 75
+    assert all(align.SENSITIVE_WORDS.search(p.prompt) for p in buckets["sensitive"])
+    assert all(p.prompt.rstrip().endswith("?") for p in buckets["question"])
+    assert all(align.PRACTICAL_QUESTION.match(p.prompt) for p in buckets["question"])  # 159 such: drawn first
     evaluation = {p.prompt.strip() for suite in ("advbench", "jbb-harmful", "jbb-benign", "xstest")
                   for p in load_prompts(suite)}
-    assert not evaluation & {p.prompt.strip() for p in general + sensitive}
+    assert not evaluation & {p.prompt.strip() for p in prompts}
 
 
 def test_self_answers_that_refuse_are_dropped_and_cut_ones_do_not_learn_to_stop():
@@ -177,7 +189,7 @@ def test_cache_key_follows_what_changes_the_model():
 
 # -- end to end ----------------------------------------------------------------------------------------------------
 TINY = ["--model", "tiny-random-llama", "--n-refusal", "6", "--n-benign", "4", "--n-sensitive", "2",
-        "--max-new-tokens", "4", "--max-steps", "2", "--batch-size", "2", "--n-harmful", "4"]
+        "--n-questions", "2", "--max-new-tokens", "4", "--max-steps", "2", "--batch-size", "2", "--n-harmful", "4"]
 
 
 @pytest.fixture
@@ -201,7 +213,7 @@ def test_align_writes_a_loadable_model_and_a_rerun_reuses_it(home, capsys, monke
     info = json.loads((target / "align.json").read_text())
     assert (target / ".complete").is_file() and info["global_steps"] == 2 and info["data"]["refusal"]["sha256"]
     assert info["counts"]["n_refusal_examples"] == 6
-    assert len((target / "self_answers.jsonl").read_text().splitlines()) == 4 + 2  # benign + sensitive prompts
+    assert len((target / "self_answers.jsonl").read_text().splitlines()) == 4 + 2 + 2  # general, sensitive, questions
     model, tokenizer = load_model(str(target))
     _, base_tokenizer = load_model("tiny-random-llama")
     chat = [{"role": "user", "content": "hi"}]
@@ -210,6 +222,18 @@ def test_align_writes_a_loadable_model_and_a_rerun_reuses_it(home, capsys, monke
     monkeypatch.setattr(align, "_align", lambda *a: pytest.fail("a finished alignment was trained again"))
     code, out2, err = run(capsys, "align", *TINY)
     assert code == 0 and "reused" in out2 and out2.strip().splitlines()[-1] == str(target), err
+
+
+def test_lora_alignment_saves_plain_weights_that_moved_only_by_the_merged_adapters(home, tmp_path, capsys):
+    code, _, err = run(capsys, "align", *TINY, "--lora-r", "4", "--lr", "1e-2", "--output-dir", str(tmp_path / "l"))
+    assert code == 0, err
+    assert not (tmp_path / "l" / "adapter_config.json").exists()  # merged: a plain checkpoint, no adapter
+    aligned, base = load_model(str(tmp_path / "l"))[0].state_dict(), load_model("tiny-random-llama")[0].state_dict()
+    assert aligned.keys() == base.keys()
+    moved = {name for name in base if not torch.equal(aligned[name], base[name])}
+    assert moved and all(name.endswith("proj.weight") for name in moved)  # linear layers only: LoRA's targets
+    summary = json.loads((tmp_path / "l" / "align.json").read_text())["model"]
+    assert 0 < summary["n_trainable"] < summary["n_params"] / 10  # what trained: the adapters
 
 
 @pytest.mark.parametrize("method, logged", [("vaccine", "hidden_grad_norm"), ("booster", "booster_gap")])
@@ -241,7 +265,8 @@ def test_align_without_the_data_says_where_to_put_it(home, tmp_path, capsys, mon
 
 
 def test_an_interrupted_alignment_resumes_from_its_last_checkpoint(home, tmp_path, monkeypatch):
-    cfg = align.AlignConfig(model="tiny-random-llama", n_refusal=6, n_benign=2, n_sensitive=2, max_new_tokens=4,
+    cfg = align.AlignConfig(model="tiny-random-llama", n_refusal=6, n_benign=2, n_sensitive=2, n_questions=2,
+                            max_new_tokens=4,
                             max_steps=2, batch_size=2, save_steps=1, output_dir=str(tmp_path / "out"))
     save = align.save_model
     monkeypatch.setattr(align, "save_model", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))

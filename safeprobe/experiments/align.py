@@ -1,5 +1,6 @@
 """`safeprobe align`: the alignment stage. Turns an instruct model that is not safety aligned into an aligned base
-(full fine-tuning, saved as a normal Hugging Face checkpoint) that `safeprobe train --model DIR` starts from.
+(full fine-tuning, or LoRA merged into the weights; saved as a normal Hugging Face checkpoint) that
+`safeprobe train --model DIR` starts from.
 
 Training data, all from training sources (never an evaluation suite: advbench, jbb-*, xstest*,
 safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
@@ -14,8 +15,17 @@ safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
   loyalty in 'To Kill a Mockingbird'"): the surface cues of XSTest's homonyms, history, safe targets and
   definitions without its prompts. The alternatives are worse: the PKU-SafeRLHF prompts are harmful requests,
   hh-rlhf harmless is red-teaming (and only its test file is here), XSTest and JBB-benign are evaluation suites.
+- benign questions, also answered by the model itself: first a user's practical questions ("How can I make an
+  affordable monthly budget?", "What is the best way to approach a difficult problem?", PRACTICAL_QUESTION), then
+  other questions ending in "?". The refusal examples are all imperatives, the Alpaca-style benign prompts mostly
+  so, and a small model left to guess for "How do I ...?" guessed "refuse" ("How do I best hang a picture?" ->
+  "I'm sorry, but I cannot..."). With 240 of them the plain aligned SmolLM2 refused 40% of XSTest's safe prompts
+  instead of 69% (and was less harmful too: 6% / 19% on AdvBench / JailbreakBench, from 14% / 26%).
 - Booster only: the harmful loss h uses (prompt, harmful answer) pairs of PKU-SafeRLHF, training side only (20% of
   its prompts are held out for the `pku-heldout` suite; see evaluation/suites.py).
+Batches group examples of similar length (the Trainer's length-grouped sampler; padding to the longest of 8 random
+examples wasted about a third of the compute), and with --lora-r the model trains LoRA adapters on every linear
+layer, merged into its weights before saving (about 20% faster a step than full fine-tuning on CPU).
 A self-answer that the refusal-keyword judge counts as a refusal is dropped (a benign prompt must never teach a
 refusal); an answer cut at `max_new_tokens` is learnt without its stop token (its text, not stopping mid-sentence).
 
@@ -48,7 +58,7 @@ from ..io import append_jsonl, output_lock, sha256_json, write_json, write_text
 from ..method import ALIGNERS
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
 from ..method.vaccine import NORMS
-from ..model import MODEL_NAMES, load_model, model_summary, prepare_full_finetune
+from ..model import MODEL_NAMES, apply_lora, load_model, model_summary, prepare_full_finetune
 from ..settings import home_dir
 from .manifest import manifest
 from .train import REPORT_TO, _help, check_output_dir, save_model, training_arguments
@@ -56,7 +66,7 @@ from .train import REPORT_TO, _help, check_output_dir, save_model, training_argu
 log = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE, ANSWERS = "align.json", ".complete", "self_answers.jsonl"
-RECIPE = 1  # bump when the data recipe or training code changes what the same settings produce: new cache keys
+RECIPE = 2  # bump when the data recipe or training code changes what the same settings produce: new cache keys
 
 # Words that make a benign instruction look sensitive (whole words, any case). Not "password" (benign-looking) and
 # not prefixes like "rob"/"explo" (robot, explore).
@@ -68,9 +78,16 @@ SENSITIVE_WORDS = re.compile(
     r"illegal|smuggl\w*|tortur\w*|assassin\w*|execute|executed|execution|slaughter\w*|gambl\w*|alcohol|"
     r"privacy|surveillance|spy|spying)\b", re.IGNORECASE)
 
-MINIMUMS = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_harmful": 1, "max_new_tokens": 1,
-            "gen_batch_size": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "max_steps": -1,
-            "warmup_steps": 0, "weight_decay": 0, "logging_steps": 1, "save_steps": 0, "max_bad_steps": 1}
+# A user's practical question, the form that a small model learns to refuse first ("How do I ...?", "Where can I ...?",
+# "What's the best way to ...?"): the questions of the benign-question bucket are drawn from these first.
+PRACTICAL_QUESTION = re.compile(
+    r"(how (do|can|should|could) (i|we|you)|where (can|do|should) (i|we)|what('s| is) (the|a) (best|easiest|good|right|"
+    r"proper) way|what are (some )?(good |the best )?ways|can you|what should i)\b", re.IGNORECASE)
+
+MINIMUMS = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_questions": 0, "lora_r": 0, "n_harmful": 1,
+            "max_new_tokens": 1, "gen_batch_size": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1,
+            "max_steps": -1, "warmup_steps": 0, "weight_decay": 0, "logging_steps": 1, "save_steps": 0,
+            "max_bad_steps": 1}
 # Settings that do not change the aligned model, and settings that only one method reads: neither is in the key.
 NOT_IN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "report_to", "max_bad_steps"})
 METHOD_FIELDS = {"vaccine": ("rho", "vaccine_norm"),
@@ -85,14 +102,17 @@ class AlignConfig:
     output_dir: str | None = _help("where the aligned model goes (default: $SAFEPROBE_HOME/aligned/"
                                    "<model>-<method>-<key>/, reused when the settings match)")
     refusal_data: str = _help("harmful instruction -> refusal examples (a name or a file)", "safety-tuned-llamas")
-    n_refusal: int = _help("number of refusal examples", 320)
+    n_refusal: int = _help("number of refusal examples", 400)
     benign_data: str = _help("comma-separated sources of benign instructions, answered by the model itself "
                              "(an even share from each)", "alpaca,harmless-instructions")
     n_benign: int = _help("number of benign instructions answered by the model", 160)
     sensitive_data: str = _help("prompts filtered for sensitive-looking words (kill, attack, steal...), answered "
                                 "by the model itself, against over-refusal", "harmless-instructions")
     n_sensitive: int = _help("number of sensitive-looking benign prompts", 160)
-    max_new_tokens: int = _help("longest self-answer in tokens (greedy)", 96)
+    question_data: str = _help("benign questions (prompts ending in '?'), answered by the model itself, against "
+                               "over-refusal of questions", "harmless-instructions")
+    n_questions: int = _help("number of benign questions, users' practical questions first", 240)
+    max_new_tokens: int = _help("longest self-answer in tokens (greedy)", 64)
     gen_batch_size: int = _help("prompts per generation batch", 32)
     harmful_data: str = _help("Booster: (prompt, safe, harmful) pairs whose harmful answers define h; training "
                               "side only", "pku-saferlhf-pairs")
@@ -100,10 +120,12 @@ class AlignConfig:
     seed: int = _help("seed of everything (data samples, order, dropout)", 42)
     max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", 120)
     epochs: float = _help("epochs over the alignment data when max_steps is -1", 1.0)
-    lr: float = _help("learning rate (full fine-tuning)", 5e-5)
+    lr: float = _help("learning rate", 5e-5)
+    lora_r: int = _help("LoRA rank on every linear layer, merged into the weights after training (0: full "
+                        "fine-tuning)", 0)
     batch_size: int = _help("examples per device batch", 8)
     grad_accum: int = _help("gradient accumulation steps", 1)
-    max_length: int = _help("maximum tokens per example (prompt + response)", 256)
+    max_length: int = _help("maximum tokens per example (prompt + response)", 160)
     lr_scheduler: str = _help("learning-rate schedule (transformers names)", "constant")
     warmup_steps: int = _help("linear warm-up steps", 0)
     weight_decay: float = _help("AdamW weight decay", 0.0)
@@ -159,6 +181,7 @@ def data_fingerprints(cfg: AlignConfig) -> dict:
         return info
 
     data = {"refusal": found(cfg.refusal_data), "sensitive": found(cfg.sensitive_data),
+            "questions": found(cfg.question_data),
             "benign": [found(s) for s in benign_sources(cfg)]}
     if cfg.method == "booster":
         data["harmful"] = found(cfg.harmful_data)
@@ -231,23 +254,26 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
     refusals = sample(load_examples(cfg.refusal_data, "train"), cfg.n_refusal, cfg.seed)
-    general, sensitive = benign_prompts(cfg)
+    prompts = benign_prompts(cfg)
     before_generation = time.time()
-    answers = self_answers(model, tokenizer, general + sensitive, cfg, out)
+    answers = self_answers(model, tokenizer, [p for bucket in prompts.values() for p in bucket], cfg, out)
     generated = time.time()
     features, counts = training_features(tokenizer, refusals, answers, cfg.max_length)
-    counts.update(n_general_prompts=len(general), n_sensitive_prompts=len(sensitive))
+    counts.update({f"n_{name}_prompts": len(bucket) for name, bucket in prompts.items()})
+    args = training_arguments(cfg, out)
+    args.train_sampling_strategy = "group_by_length"
     trainer = ALIGNERS[cfg.method](
-        model=prepare_full_finetune(model), args=training_arguments(cfg, out), train_dataset=features,
+        model=trainable(model, cfg.lora_r), args=args, train_dataset=features,
         data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
         max_bad_steps=cfg.max_bad_steps, **method_kwargs(cfg, tokenizer))
     train_loss, steps, resume = _train(trainer, cfg, out)
-    save_model(trainer.model, out)
+    summary = model_summary(trainer.model)  # what trained: with LoRA, the adapters
+    save_model(trainer.model.merge_and_unload() if cfg.lora_r else trainer.model, out)
     tokenizer.save_pretrained(out)
     for folder in checkpoint_folders(out):  # the model is saved: optimiser states are gigabytes of nothing now
         shutil.rmtree(folder, ignore_errors=True)
     info = manifest(cfg, method=cfg.method, cache_key=key, status="complete", data=data, counts=counts,
-                    model=model_summary(trainer.model), train_loss=train_loss, global_steps=steps,
+                    model=summary, train_loss=train_loss, global_steps=steps,
                     resumed_from=str(resume) if resume else None,
                     generation_s=round(generated - before_generation, 1),
                     training_s=round(time.time() - generated, 1),
@@ -255,6 +281,13 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     write_json(out / MANIFEST, info)
     write_text(out / COMPLETE, "")
     return info
+
+
+def trainable(model, lora_r: int):
+    """Every parameter (full fine-tuning), or LoRA adapters of rank lora_r on every linear layer."""
+    if lora_r:
+        return apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, target_modules="all-linear")
+    return prepare_full_finetune(model)
 
 
 def _train(trainer, cfg: AlignConfig, out: Path) -> tuple[float | None, int, Path | None]:
@@ -291,21 +324,24 @@ def _take(pool: list[Example], n: int, taken: set, seed: int) -> list[Example]:
     return chosen
 
 
-def benign_prompts(cfg: AlignConfig) -> tuple[list[Example], list[Example]]:
-    """(general benign prompts, an even share from each source; sensitive-looking benign prompts), no repeats."""
+def benign_prompts(cfg: AlignConfig) -> dict[str, list[Example]]:
+    """The benign prompts the model answers itself, by bucket, no prompt twice: sensitive-looking ones, questions,
+    and general ones (an even share from each source)."""
     looks_sensitive = [p for p in _prompts(cfg.sensitive_data) if SENSITIVE_WORDS.search(p.prompt)]
+    questions = [p for p in _prompts(cfg.question_data) if p.prompt.rstrip().endswith("?")]
+    asks = [p for p in questions if PRACTICAL_QUESTION.match(p.prompt.strip())]
     taken: set = set()
-    sensitive = _take(looks_sensitive, cfg.n_sensitive, taken, cfg.seed)
+    buckets = {"sensitive": _take(looks_sensitive, cfg.n_sensitive, taken, cfg.seed),
+               "question": _take(asks, cfg.n_questions, taken, cfg.seed), "general": []}
+    buckets["question"] += _take(questions, cfg.n_questions - len(buckets["question"]), taken, cfg.seed)
     sources = benign_sources(cfg)
-    general = []
     for i, source in enumerate(sources):
         share = cfg.n_benign // len(sources) + (i < cfg.n_benign % len(sources))
-        general += _take(_prompts(source), share, taken, cfg.seed)
-    for what, got, wanted in (("sensitive-looking", len(sensitive), cfg.n_sensitive),
-                              ("benign", len(general), cfg.n_benign)):
-        if got < wanted:
-            log.warning("only %d distinct %s prompts available (%d requested)", got, what, wanted)
-    return general, sensitive
+        buckets["general"] += _take(_prompts(source), share, taken, cfg.seed)
+    for name, wanted in (("sensitive", cfg.n_sensitive), ("question", cfg.n_questions), ("general", cfg.n_benign)):
+        if len(buckets[name]) < wanted:
+            log.warning("only %d distinct %s prompts available (%d requested)", len(buckets[name]), name, wanted)
+    return buckets
 
 
 def model_identity(spec: str) -> str:
