@@ -266,8 +266,7 @@ def test_align_without_the_data_says_where_to_put_it(home, tmp_path, capsys, mon
 
 def test_an_interrupted_alignment_resumes_from_its_last_checkpoint(home, tmp_path, monkeypatch):
     cfg = align.AlignConfig(model="tiny-random-llama", n_refusal=6, n_benign=2, n_sensitive=2, n_questions=2,
-                            max_new_tokens=4,
-                            max_steps=2, batch_size=2, save_steps=1, output_dir=str(tmp_path / "out"))
+                            max_new_tokens=4, max_steps=2, batch_size=2, save_steps=1, output_dir=str(tmp_path / "out"))
     save = align.save_model
     monkeypatch.setattr(align, "save_model", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # killed after training, before the model was saved

@@ -58,7 +58,7 @@ from ..io import append_jsonl, output_lock, sha256_json, write_json, write_text
 from ..method import ALIGNERS
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
 from ..method.vaccine import NORMS
-from ..model import MODEL_NAMES, apply_lora, load_model, model_summary, prepare_full_finetune
+from ..model import MODEL_NAMES, load_model, make_trainable, model_summary
 from ..settings import home_dir
 from .manifest import manifest
 from .train import REPORT_TO, _help, check_output_dir, save_model, training_arguments
@@ -260,10 +260,11 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     generated = time.time()
     features, counts = training_features(tokenizer, refusals, answers, cfg.max_length)
     counts.update({f"n_{name}_prompts": len(bucket) for name, bucket in prompts.items()})
+    model = make_trainable(model, cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, target_modules="all-linear")
     args = training_arguments(cfg, out)
     args.train_sampling_strategy = "group_by_length"
     trainer = ALIGNERS[cfg.method](
-        model=trainable(model, cfg.lora_r), args=args, train_dataset=features,
+        model=model, args=args, train_dataset=features,
         data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
         max_bad_steps=cfg.max_bad_steps, **method_kwargs(cfg, tokenizer))
     train_loss, steps, resume = _train(trainer, cfg, out)
@@ -281,13 +282,6 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     write_json(out / MANIFEST, info)
     write_text(out / COMPLETE, "")
     return info
-
-
-def trainable(model, lora_r: int):
-    """Every parameter (full fine-tuning), or LoRA adapters of rank lora_r on every linear layer."""
-    if lora_r:
-        return apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, target_modules="all-linear")
-    return prepare_full_finetune(model)
 
 
 def _train(trainer, cfg: AlignConfig, out: Path) -> tuple[float | None, int, Path | None]:

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..io import output_lock, write_json
 from ..method import TRAINERS, SAPConfig
 from ..method.diagnostics import attach_diagnostics
-from ..model import apply_lora, load_model, prepare_full_finetune
+from ..model import load_model, make_trainable
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
 
@@ -146,12 +146,8 @@ def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
 
 def prepare_model(cfg: TrainConfig):
     model, tokenizer = load_model(cfg.model)
-    if cfg.lora_r > 0:
-        targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=targets)
-    else:
-        model = prepare_full_finetune(model)
+    targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
+    model = make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
     return model, tokenizer
 
 

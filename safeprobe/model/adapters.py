@@ -96,6 +96,11 @@ def _check_hyperparameters(r, alpha, dropout) -> None:
         raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
+def make_trainable(model, lora_r: int = 0, **lora):
+    """LoRA adapters of rank lora_r (`lora`: apply_lora's other arguments), or with lora_r 0 every parameter."""
+    return apply_lora(model, r=lora_r, **lora) if lora_r > 0 else prepare_full_finetune(model)
+
+
 def prepare_full_finetune(model):
     """Make every parameter trainable (full fine-tuning); returns `model`."""
     if isinstance(model, PeftModel):
