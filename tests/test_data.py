@@ -168,3 +168,16 @@ def test_validation_suites_never_share_a_prompt_with_training_or_evaluation_data
     sst2_val = {e.prompt for e in get_suite("sst2-val").load()}
     assert not sst2_val & {e.prompt for e in get_suite("sst2").load()}
     assert not sst2_val & {e.prompt for e in sample(load_examples("sst2", "train"), 2000, 0)}
+
+
+def test_end_of_turn_token_is_im_end_when_the_vocabulary_has_it_else_eos():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from safeprobe.data.tokenize import _end_of_turn_id
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2}
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                    unk_token="<unk>", eos_token="</s>")
+    assert _end_of_turn_id(plain) == 1  # unknown token: EOS, not the unk id
+    plain.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert _end_of_turn_id(plain) == plain.convert_tokens_to_ids("<|im_end|>") == 3
