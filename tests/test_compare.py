@@ -85,9 +85,17 @@ def test_report_is_self_contained(compared):
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)  # base64 may spell "http" by chance
     assert "http" not in text and "<script" not in text
     assert "judge: keyword" in page and "frontier lies below" in page
+    assert "the loss it descends is taken with the probe on" in page
     markdown = (out / "report.md").read_text()
     for name in re.findall(r"\(figures/([^)]+)\)", markdown):
         assert (out / "figures" / name).stat().st_size > 1000
+
+
+def test_probe_raise_is_the_probed_minus_the_unprobed_loss_of_sap_rows_only():
+    from safeprobe.reporting.report import _probe_raise
+    logs = {"sap": [[{"step": 1, "task_loss": 2.5, "task_loss_unprobed": 2.0}, {"step": 2, "task_loss": 1.0}]],
+            "sft": [[{"step": 1, "task_loss": 2.0}]]}
+    assert _probe_raise(logs) == {"sap": [[{"step": 1, "probe_raise": 0.5}]], "sft": [[]]}
 
 
 def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatch):

@@ -32,7 +32,11 @@ def test_sap_with_zero_eps_produces_the_sft_adapter_exactly(tmp_path):
     assert info["method"] == "sap" and info["data"]["task"]["sha256"] and info["data"]["safety"]["sha256"]
     log = [json.loads(line) for line in (tmp_path / "sap" / "train_log.jsonl").read_text().splitlines()]
     assert {"task_loss", "safety_loss", "s_norm", "eps", "g_v_norm", "v_safe_norm", "l_su",
-            "cos_task_safety"} <= set(log[0])
+            "cos_task_safety", "task_loss_unprobed"} <= set(log[0])
+    # before any update SAP's clean probe pass sees SFT's first batch, weights and dropout masks: SFT's loss
+    sft_log = [json.loads(line) for line in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["task_loss_unprobed"] == pytest.approx(sft_log[0]["task_loss"], rel=1e-6)
+    assert log[0]["task_loss"] != pytest.approx(sft_log[0]["task_loss"], rel=1e-6)  # the probe moves the loss
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2", "tiny-random-qwen2"])

@@ -112,7 +112,9 @@ class SAPTrainer(SafeprobeTrainer):
             self.flag_bad_step("probe gradient")
             return None
         self._V, self._V_step = safe_probe(g_V, self.sap.beta, self.sap.probe_norm), step
-        self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(self._V), l_su=loss_perturbed - loss)
+        # task_loss_unprobed: L(W, 0) on this batch, what SFT's step would see; task_loss (step 5) is L(W, V_safe)
+        self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(self._V), l_su=loss_perturbed - loss,
+                    task_loss_unprobed=loss)
         return self._V
 
     def _reference_probe(self, model, inputs) -> list:

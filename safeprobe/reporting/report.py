@@ -218,9 +218,13 @@ def _training(out: Path, results: dict, setting: str, colour: dict, title: str) 
     blocks = [Block("h2", f"Training{title}")]
     task_loss = _series(logs, "task_loss")
     if task_loss:
-        png = plots.step_curves([{"title": "task loss per step", "ylabel": "task loss", "series": task_loss}],
-                                colour)
-        blocks.append(Block("figure", "Task loss per optimiser step (mean over seeds, band ± spread)", png=png,
+        panels = [{"title": "task loss per step", "ylabel": "task loss", "series": task_loss}]
+        probe_raise = _series(_probe_raise(logs), "probe_raise")
+        if probe_raise:
+            panels.append({"title": "SAP: loss with the probe minus without", "ylabel": "L(W, V_safe) - L(W, 0)",
+                           "series": probe_raise})
+        blocks.append(Block("figure", "Task loss per optimiser step (mean over seeds, band ± spread); for SAP, "
+                            "the loss it descends is taken with the probe on", png=plots.step_curves(panels, colour),
                             name=_file_name("task-loss", setting)))
     blocks += [Block("h3", "Diagnostics (SAP paper, Figures 2 and 3)"), Block("p", DIAGNOSTICS_NOTE)]
     maps = _cosine_maps(diagnostics)
@@ -266,6 +270,13 @@ def _jsonl(path: Path) -> list[dict]:
         except ValueError:
             continue  # a torn last line
     return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
+def _probe_raise(logs: dict[str, list[list[dict]]]) -> dict[str, list[list[dict]]]:
+    """Per step, how much SAP's probe raised the task loss its final pass descends (SAP rows only)."""
+    return {label: [[{"step": r["step"], "probe_raise": r["task_loss"] - r["task_loss_unprobed"]}
+                     for r in rows if isinstance(r.get("task_loss_unprobed"), (int, float)) and "task_loss" in r]
+                    for rows in runs] for label, runs in logs.items()}
 
 
 def _series(per_label: dict[str, list[list[dict]]], key: str, cumulative: bool = False) -> dict:
