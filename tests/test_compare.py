@@ -177,13 +177,28 @@ def test_diagnostics_leave_the_trained_adapter_bit_identical(compared, tmp_path)
     assert all(len(r["cos_useful_harmful"]) == 4 and -1 <= r["cos_useful_harmful_all"] <= 1 for r in rows)
 
 
-@pytest.mark.parametrize("name", ["compare-example.yaml", "tune-sap.yaml", "amortised-tradeoff.yaml"])
+@pytest.mark.parametrize("name", ["compare-example.yaml", "tune-sap.yaml", "amortised-tradeoff.yaml",
+                                  "sft-frontier.yaml"])
 def test_shipped_compare_configs_are_valid(name):
     from safeprobe.cli.config import from_mapping, read_yaml
     from safeprobe.experiments.compare import CompareConfig, plan
     path = Path(__file__).resolve().parents[1] / "configs" / name
     the_plan = plan(from_mapping(CompareConfig, read_yaml(str(path)), str(path)))  # every run validated
     assert the_plan.runs and {run.train.task for run in the_plan.runs.values()} == {"sst2"}
+
+
+def test_the_sft_frontier_config_reuses_the_demos_runs():
+    """Its comment promises that, pointed at a finished demo, only its sweep trains: same settings, same folders."""
+    from safeprobe.cli.config import from_mapping, read_yaml
+    from safeprobe.experiments.compare import CompareConfig, plan
+    from safeprobe.experiments.demo import DemoConfig, compare_config
+    path = Path(__file__).resolve().parents[1] / "configs" / "sft-frontier.yaml"
+    values = read_yaml(str(path))
+    values["base"]["model"] = "tiny-random-llama"
+    frontier = plan(from_mapping(CompareConfig, values, str(path)))
+    demo = plan(compare_config(DemoConfig(seeds=3), "tiny-random-llama"))
+    sweep = {run.folder_name for run in frontier.runs.values()} - {run.folder_name for run in demo.runs.values()}
+    assert sweep and all(name.startswith("sft-lr") for name in sweep)
 
 
 def test_the_demo_table_gives_mean_and_spread_over_seeds(compared):
