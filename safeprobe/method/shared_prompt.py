@@ -23,6 +23,7 @@ import logging
 import torch
 from transformers import DynamicCache
 
+from ..model.compat import cache_kwarg
 from .losses import head_only_at, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,12 @@ def shared_prompt_logprobs(model, shared: dict) -> tuple[torch.Tensor, torch.Ten
     no_position = torch.empty(0, dtype=torch.long, device=shared["prefix_ids"].device)
     with head_only_at(model, no_position, no_position):  # the prefixes predict no label: no vocabulary head
         model(input_ids=shared["prefix_ids"], attention_mask=shared["prefix_mask"],
-              position_ids=shared["prefix_positions"], past_key_values=cache, use_cache=True)
+              position_ids=shared["prefix_positions"], use_cache=True, **{cache_kwarg(core): cache})
     n = shared["prefix_ids"].shape[0]
     rows = torch.arange(n, device=shared["prefix_ids"].device).repeat(2)  # pair i -> rows i and n + i
     cache.reorder_cache(rows)
     attention = torch.cat([shared["prefix_mask"][rows], shared["attention_mask"]], dim=1)
-    return token_logprobs(model, {**shared, "attention_mask": attention, "past_key_values": cache})
+    return token_logprobs(model, {**shared, "attention_mask": attention, "kv_cache": cache})
 
 
 def _agrees_with_padded(model, pair_batch: dict) -> bool:

@@ -1,6 +1,8 @@
 """Small differences between the transformers versions we support (>= 4.46)."""
 from __future__ import annotations
 
+import inspect
+
 import transformers
 from packaging.version import Version
 
@@ -11,3 +13,9 @@ _DTYPE_KEY = "dtype" if Version(transformers.__version__) >= Version("4.56") els
 def dtype_kwarg(dtype) -> dict:
     """`{"dtype": dtype}` or, on older transformers, `{"torch_dtype": dtype}`."""
     return {_DTYPE_KEY: dtype}
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward takes its KV cache under: `cache` (newer transformers) or `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
