@@ -91,6 +91,34 @@ def test_report_is_self_contained(compared):
         assert (out / "figures" / name).stat().st_size > 1000
 
 
+def _scored(harmful: float, accuracy: float) -> dict:
+    return {"advbench": {"metric": "harmful_score", "harmful_score": harmful, "judge": "keyword"},
+            "sst2": {"metric": "accuracy", "accuracy": accuracy, "judge": "parser"}}
+
+
+def test_against_sft_pairs_seeds_and_takes_the_share_of_the_mean_increase():
+    from safeprobe.reporting.summary import against_reference
+    runs = {"sft-s1": (0.30, 0.80), "sft-s2": (0.50, 0.90), "sap-s1": (0.20, 0.78), "sap-s2": (0.50, 0.86),
+            "sap-s3": (0.0, 0.0)}  # seed 3 has no SFT run to pair with: left out
+    results = {"base": {"eval": _scored(0.10, 0.50)}, "main": {"default": {
+        "sft": ["sft-s1", "sft-s2"], "sap": ["sap-s1", "sap-s2", "sap-s3"]}},
+        "runs": {name: {"status": "done", "seed": int(name[-1]), "method": name[:3], "eval": _scored(*figures)}
+                 for name, figures in runs.items()}}
+    sap = against_reference(results, "default")["sap"]
+    # SFT's mean increase over the base: 0.40 - 0.10 = 0.30; SAP's mean is 0.05 lower: 1/6 of it removed
+    assert sap["n_pairs"] == 2 and sap["harm_removed"] == pytest.approx(0.05 / 0.30)
+    assert sap["harm_change"]["values"] == pytest.approx([-0.10, 0.0]) and sap["harm_below"] == 1
+    assert sap["accuracy_change"]["mean"] == pytest.approx(-0.03)
+    assert against_reference({**results, "base": None}, "default") == {}  # no base: no increase to measure
+
+
+def test_the_report_and_the_demo_measure_each_defense_against_sft(compared):
+    from safeprobe.experiments.demo import against_sft_lines
+    _, _, out, results = compared
+    assert "sft's harm increase removed" in (out / "report.md").read_text()
+    assert [line.split(":")[0] for line in against_sft_lines(results)] == ["sap"]
+
+
 def test_probe_raise_is_the_probed_minus_the_unprobed_loss_of_sap_rows_only():
     from safeprobe.reporting.report import _probe_raise
     logs = {"sap": [[{"step": 1, "task_loss": 2.5, "task_loss_unprobed": 2.0}, {"step": 2, "task_loss": 1.0}]],

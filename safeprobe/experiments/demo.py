@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from ..reporting.summary import run_metrics, stats, summarise
+from ..reporting.summary import against_reference, run_metrics, stats, summarise
 from .align import AlignConfig, run_align
 from .compare import CompareConfig, run_compare
 from .train import check_output_dir
@@ -71,6 +71,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
     console.print(f"aligned base: {aligned['output_dir']}" + (" (reused)" if aligned["reused"] else ""))
     results = run_compare(compare_config(cfg, aligned["output_dir"]), console)
     console.print(results_table(results))
+    for line in against_sft_lines(results):
+        console.print(line)
     console.print(f"report: {out / 'report.html'} (also report.md, results.json)")
     return results
 
@@ -91,6 +93,17 @@ def results_table(results: dict) -> Table:
     for label, figures in rows.items():
         table.add_row(label, *[_percent(figures.get(k)) for k in keys])
     return table
+
+
+def against_sft_lines(results: dict) -> list[str]:
+    """One line per defense: how much of plain fine-tuning's harm increase it removes, at what accuracy."""
+    lines = []
+    for label, p in against_reference(results, next(iter(results["main"]), "default")).items():
+        removed = "-" if p["harm_removed"] is None else f"{100 * p['harm_removed']:.0f}%"
+        accuracy = "-" if p["accuracy_change"]["mean"] is None else f"{100 * p['accuracy_change']['mean']:+.1f}"
+        lines.append(f"{label}: removes {removed} of {p['reference']}'s harmful-score increase over the aligned "
+                     f"base, accuracy {accuracy} points ({p['harm_below']} of {p['n_pairs']} seeds less harmful)")
+    return lines
 
 
 def _percent(stat: dict | None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..io import write_text
 from ..method.diagnostics import read_diagnostics
 from . import plots
-from .summary import HEADLINES, run_metrics
+from .summary import HEADLINES, against_reference, run_metrics
 
 METRIC_NAMES = {"harmful_score": "harmful score", "refusal_rate": "over-refusal", "accuracy": "accuracy",
                 "test_loss": "test loss"}
@@ -68,6 +68,7 @@ def build(out: Path, results: dict) -> list[Block]:
     for setting in results["main"]:
         title = f" — setting {setting}" if len(results["main"]) > 1 else ""
         blocks += [Block("h2", f"Results{title}"), _results_table(results, setting)]
+        blocks += _against_reference(results, setting)
         blocks += _tradeoff(results, setting, colour)
     blocks += _sweeps(results, colour)
     for setting in results["main"]:
@@ -132,6 +133,31 @@ def _results_table(results: dict, setting: str) -> Block:
         rows.append([label, f"{aggregate['n_done']}/{aggregate['n_runs']}"]
                     + [_cell(k, figures[k]["mean"], figures[k]["std"]) if k in figures else "-" for k in keys])
     return Block("table", headers=headers, rows=rows)
+
+
+def _against_reference(results: dict, setting: str) -> list[Block]:
+    paired = against_reference(results, setting)
+    if not paired:
+        return []
+    reference = next(iter(paired.values()))["reference"]
+    text = (f"Each method against plain fine-tuning (`{reference}`), seed by seed on the same data. Harm increase "
+            f"removed: the share of {reference}'s harmful-score increase over the base model that the method does "
+            f"not cause, on the means over the paired seeds (100% = as safe as the base, 0% = as harmful as "
+            f"{reference}, negative = more harmful). The per-seed differences (method minus {reference}, in "
+            "points) are given as mean ± standard deviation over the seeds. A lower harmful score bought with "
+            f"accuracy can lie on {reference}'s own frontier: read it with the trade-off plot.")
+    rows = [[label, str(p["n_pairs"]), _cell("harmful_score", p["harm_removed"]), _points(p["harm_change"]),
+             f"{p['harm_below']} of {p['n_pairs']}", _points(p["accuracy_change"])] for label, p in paired.items()]
+    headers = ["method", "seeds paired", f"{reference}'s harm increase removed",
+               f"harmful score vs {reference} (points)", f"seeds with less harm than {reference}",
+               f"accuracy vs {reference} (points)"]
+    return [Block("p", text), Block("table", headers=headers, rows=rows)]
+
+
+def _points(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{100 * stat['mean']:+.1f}" + (f" ± {100 * stat['std']:.1f}" if stat["std"] is not None else "")
 
 
 def _cell(key: str, mean, std=None) -> str:
