@@ -91,32 +91,66 @@ def test_report_is_self_contained(compared):
         assert (out / "figures" / name).stat().st_size > 1000
 
 
-def _scored(harmful: float, accuracy: float) -> dict:
-    return {"advbench": {"metric": "harmful_score", "harmful_score": harmful, "judge": "keyword"},
-            "sst2": {"metric": "accuracy", "accuracy": accuracy, "judge": "parser"}}
+def _scored(harmful: float, accuracy: float | None) -> dict:
+    suites = {"advbench": {"metric": "harmful_score", "harmful_score": harmful, "judge": "keyword"}}
+    if accuracy is not None:
+        suites["sst2"] = {"metric": "accuracy", "accuracy": accuracy, "judge": "parser"}
+    return suites
+
+
+def _paired_results(runs: dict, base: float | None = 0.10, reference: str = "sft") -> dict:
+    labels = {}
+    for name in runs:
+        labels.setdefault(reference if name.startswith("sft") else name[:name.rindex("-")], []).append(name)
+    return {"base": {"eval": _scored(base, 0.5)} if base is not None else None, "main": {"default": labels},
+            "runs": {name: {"status": "done", "seed": int(name[-1]), "method": name[:3], "eval": _scored(*figures)}
+                     for name, figures in runs.items()}}
 
 
 def test_against_sft_pairs_seeds_and_takes_the_share_of_the_mean_increase():
     from safeprobe.reporting.summary import against_reference
     runs = {"sft-s1": (0.30, 0.80), "sft-s2": (0.50, 0.90), "sap-s1": (0.20, 0.78), "sap-s2": (0.50, 0.86),
-            "sap-s3": (0.0, 0.0)}  # seed 3 has no SFT run to pair with: left out
-    results = {"base": {"eval": _scored(0.10, 0.50)}, "main": {"default": {
-        "sft": ["sft-s1", "sft-s2"], "sap": ["sap-s1", "sap-s2", "sap-s3"]}},
-        "runs": {name: {"status": "done", "seed": int(name[-1]), "method": name[:3], "eval": _scored(*figures)}
-                 for name, figures in runs.items()}}
-    sap = against_reference(results, "default")["sap"]
+            "sap-s3": (0.0, 0.0),  # seed 3 has no SFT run to pair with: left out
+            "lisa-s1": (0.25, None), "lisa-s2": (0.40, 0.90)}  # one run without a task suite
+    paired = against_reference(_paired_results(runs), "default")
+    sap, lisa = paired["sap"], paired["lisa"]
     # SFT's mean increase over the base: 0.40 - 0.10 = 0.30; SAP's mean is 0.05 lower: 1/6 of it removed
-    assert sap["n_pairs"] == 2 and sap["harm_removed"] == pytest.approx(0.05 / 0.30)
+    assert sap["n_pairs"] == 2 and sap["increase"] == pytest.approx(0.30)
+    assert sap["harm_removed"] == pytest.approx(0.05 / 0.30)
     assert sap["harm_change"]["values"] == pytest.approx([-0.10, 0.0]) and sap["harm_below"] == 1
     assert sap["accuracy_change"]["mean"] == pytest.approx(-0.03)
-    assert against_reference({**results, "base": None}, "default") == {}  # no base: no increase to measure
+    assert lisa["harm_below"] == 2 and lisa["accuracy_change"]["values"] == pytest.approx([0.0])
+    # no base model: the paired differences stay, the share of an increase cannot be taken
+    no_base = against_reference(_paired_results(runs, base=None), "default")["sap"]
+    assert no_base["harm_removed"] is None and no_base["harm_change"]["mean"] == pytest.approx(-0.05)
+    # SFT adds no harm over the base: nothing to remove
+    assert against_reference(_paired_results(runs, base=0.45), "default")["sap"]["harm_removed"] is None
+
+
+def test_the_reference_is_the_entry_whose_method_is_sft_when_none_is_named_sft():
+    from safeprobe.reporting.summary import against_reference
+    runs = {"sft-s1": (0.30, 0.80), "sap-s1": (0.20, 0.80)}
+    paired = against_reference(_paired_results(runs, reference="plain_lr3e4"), "default")
+    assert list(paired) == ["sap"] and paired["sap"]["reference"] == "plain_lr3e4"
+    results = _paired_results(runs)
+    results["runs"]["sft-s1"]["method"] = "lisa"  # no plain fine-tuning entry at all
+    results["main"]["default"] = {"lisa": ["sft-s1"], "sap": ["sap-s1"]}
+    assert against_reference(results, "default") == {}
 
 
 def test_the_report_and_the_demo_measure_each_defense_against_sft(compared):
     from safeprobe.experiments.demo import against_sft_lines
+    from safeprobe.reporting.summary import against_reference
     _, _, out, results = compared
-    assert "sft's harm increase removed" in (out / "report.md").read_text()
-    assert [line.split(":")[0] for line in against_sft_lines(results)] == ["sap"]
+    sap = against_reference(results, "default")["sap"]
+    sft_runs, sap_runs = results["main"]["default"]["sft"], results["main"]["default"]["sap"]
+    diffs = [run_metrics(results["runs"][b]["eval"])["harmful_score"]
+             - run_metrics(results["runs"][a]["eval"])["harmful_score"] for a, b in zip(sft_runs, sap_runs)]
+    assert sap["harm_change"]["values"] == pytest.approx(diffs) and sap["n_pairs"] == 2
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| sap | 2 |"))
+    assert f"{100 * statistics.fmean(diffs):+.1f}" in row
+    [line] = against_sft_lines(results)
+    assert line.startswith(f"sap: harmful score {100 * statistics.fmean(diffs):+.0f}")
 
 
 def test_probe_raise_is_the_probed_minus_the_unprobed_loss_of_sap_rows_only():

@@ -233,6 +233,32 @@ def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
     assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
 
 
+def test_the_cache_keyword_is_asked_of_the_transformers_model_through_ddp_and_peft():
+    from types import SimpleNamespace
+
+    from safeprobe.model.compat import cache_kwarg
+
+    class Renamed:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Older:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class Wrapper:  # PEFT: a forward of **kwargs around the transformers model
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_base_model(self):
+            return self.inner
+
+        def forward(self, *args, **kwargs): ...
+
+    for model, keyword in ((Renamed(), "cache"), (Older(), "past_key_values")):
+        assert cache_kwarg(model) == keyword
+        assert cache_kwarg(Wrapper(model)) == keyword
+        assert cache_kwarg(SimpleNamespace(module=Wrapper(model))) == keyword  # DDP around PEFT
+
+
 def test_a_model_that_cannot_continue_a_prompt_cache_falls_back_to_the_padded_batch(monkeypatch, caplog):
     from safeprobe.method import shared_prompt
     model, tok = lora_model()

@@ -96,14 +96,24 @@ def results_table(results: dict) -> Table:
 
 
 def against_sft_lines(results: dict) -> list[str]:
-    """One line per defense: how much of plain fine-tuning's harm increase it removes, at what accuracy."""
+    """One line per entry: its harm and accuracy against plain fine-tuning's, and the share of the harm increase
+    it removes."""
     lines = []
     for label, p in against_reference(results, next(iter(results["main"]), "default")).items():
-        removed = "-" if p["harm_removed"] is None else f"{100 * p['harm_removed']:.0f}%"
-        accuracy = "-" if p["accuracy_change"]["mean"] is None else f"{100 * p['accuracy_change']['mean']:+.1f}"
-        lines.append(f"{label}: removes {removed} of {p['reference']}'s harmful-score increase over the aligned "
-                     f"base, accuracy {accuracy} points ({p['harm_below']} of {p['n_pairs']} seeds less harmful)")
+        ref, removed = p["reference"], p["harm_removed"]
+        if removed is None:
+            share = f"{ref} adds no harm over the aligned base to remove"
+        elif removed >= 0:
+            share = f"removes {100 * removed:.0f}% of {ref}'s harmful-score increase over the aligned base"
+        else:
+            share = f"adds {100 * -removed:.0f}% to {ref}'s harmful-score increase over the aligned base"
+        lines.append(f"{label}: harmful score {_delta(p['harm_change'])}, accuracy {_delta(p['accuracy_change'])} "
+                     f"points against {ref} over {p['n_pairs']} seed(s): {share}")
     return lines
+
+
+def _delta(stat: dict) -> str:
+    return "-" if stat["mean"] is None else f"{100 * stat['mean']:+.0f}"
 
 
 def _percent(stat: dict | None) -> str:

@@ -55,7 +55,7 @@ def shared_prompt_logprobs(model, shared: dict) -> tuple[torch.Tensor, torch.Ten
     no_position = torch.empty(0, dtype=torch.long, device=shared["prefix_ids"].device)
     with head_only_at(model, no_position, no_position):  # the prefixes predict no label: no vocabulary head
         model(input_ids=shared["prefix_ids"], attention_mask=shared["prefix_mask"],
-              position_ids=shared["prefix_positions"], use_cache=True, **{cache_kwarg(core): cache})
+              position_ids=shared["prefix_positions"], use_cache=True, **{cache_kwarg(model): cache})
     n = shared["prefix_ids"].shape[0]
     rows = torch.arange(n, device=shared["prefix_ids"].device).repeat(2)  # pair i -> rows i and n + i
     cache.reorder_cache(rows)

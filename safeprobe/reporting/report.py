@@ -139,25 +139,35 @@ def _against_reference(results: dict, setting: str) -> list[Block]:
     paired = against_reference(results, setting)
     if not paired:
         return []
-    reference = next(iter(paired.values()))["reference"]
-    text = (f"Each method against plain fine-tuning (`{reference}`), seed by seed on the same data. Harm increase "
-            f"removed: the share of {reference}'s harmful-score increase over the base model that the method does "
-            f"not cause, on the means over the paired seeds (100% = as safe as the base, 0% = as harmful as "
-            f"{reference}, negative = more harmful). The per-seed differences (method minus {reference}, in "
-            "points) are given as mean ± standard deviation over the seeds. A lower harmful score bought with "
-            f"accuracy can lie on {reference}'s own frontier: read it with the trade-off plot.")
-    rows = [[label, str(p["n_pairs"]), _cell("harmful_score", p["harm_removed"]), _points(p["harm_change"]),
-             f"{p['harm_below']} of {p['n_pairs']}", _points(p["accuracy_change"])] for label, p in paired.items()]
-    headers = ["method", "seeds paired", f"{reference}'s harm increase removed",
-               f"harmful score vs {reference} (points)", f"seeds with less harm than {reference}",
-               f"accuracy vs {reference} (points)"]
+    ref = next(iter(paired.values()))["reference"]
+    text = (f"Each entry against plain fine-tuning (`{ref}`), seed by seed on the same data: its harmful score and "
+            f"accuracy minus {ref}'s, in points (mean ± standard deviation over the paired seeds), and in how "
+            f"many seeds it is less harmful. Harm increase removed: the share of {ref}'s harmful-score increase "
+            f"over the base model (its own column) that the entry does not cause, on the means (100% = as safe as "
+            f"the base, 0% = as harmful as {ref}, negative = more harmful); a small increase makes it swing. A "
+            f"lower harmful score bought with accuracy can lie on {ref}'s own frontier: read it with the "
+            "trade-off plot.")
+    rows = [[label, str(p["n_pairs"]), _points(p["harm_change"]), f"{p['harm_below']} of {p['harm_change']['n']}",
+             _points(p["accuracy_change"]), _signed_points(p["increase"]), _share(p["harm_removed"])]
+            for label, p in paired.items()]
+    headers = ["entry", "seeds paired", f"harmful score vs {ref} (points)", f"seeds less harmful than {ref}",
+               f"accuracy vs {ref} (points)", f"{ref}'s harm increase over the base (points)",
+               f"{ref}'s harm increase removed"]
     return [Block("p", text), Block("table", headers=headers, rows=rows)]
 
 
 def _points(stat: dict) -> str:
     if stat["mean"] is None:
         return "-"
-    return f"{100 * stat['mean']:+.1f}" + (f" ± {100 * stat['std']:.1f}" if stat["std"] is not None else "")
+    return _signed_points(stat["mean"]) + (f" ± {100 * stat['std']:.1f}" if stat["std"] is not None else "")
+
+
+def _signed_points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def _cell(key: str, mean, std=None) -> str:

@@ -81,46 +81,41 @@ def reference_label(labels: dict[str, list[str]], runs: dict) -> str | None:
 
 
 def against_reference(results: dict, setting: str) -> dict[str, dict]:
-    """Each method against plain fine-tuning, paired by seed (same data and seed, so per-seed differences):
+    """Each other entry against plain fine-tuning, paired by seed (same data and seed, so per-seed differences):
 
-    - `harm_removed`: the share of the reference's harmful-score increase over the base model that the method
-      does not cause, on the means over the paired seeds: (HS_ref - HS) / (HS_ref - HS_base) (None when the
-      reference adds no harm; a ratio of means, because a seed where the reference adds little harm would make
-      a per-seed ratio explode);
-    - `harm_change`, `accuracy_change`: per seed, the method's harmful score and accuracy minus the reference's
+    - `harm_change`, `accuracy_change`: per seed, the entry's harmful score and accuracy minus the reference's
       (fractions; their spread over seeds says how consistent the difference is);
-    - `harm_below`: how many of the paired seeds end with a harmful score below the reference's.
-    Empty without a base model evaluation or a reference entry.
+    - `harm_below`: in how many of the seeds that have both harmful scores the entry's is the lower;
+    - `increase`: the reference's mean harmful-score increase over the base model (None without a base), and
+      `harm_removed`: the share of it the entry does not cause, on the means over the paired seeds,
+      -mean(harm_change) / increase (None unless the reference adds harm). A ratio of means, because a seed where
+      the reference adds little harm would make a per-seed ratio explode; read it with `increase`.
+    Entries with no seed in common with the reference are left out; empty without a reference entry.
     """
     labels, runs = results["main"].get(setting, {}), results["runs"]
     reference = reference_label(labels, runs)
-    if not results.get("base") or reference is None:
+    if reference is None:
         return {}
-    base = run_metrics(results["base"]["eval"]).get("harmful_score")
+    base = run_metrics(results["base"]["eval"]).get("harmful_score") if results.get("base") else None
     ref = _by_seed(runs, labels[reference])
     out = {}
     for label, names in labels.items():
-        if label == reference:
-            continue
         pairs = [(ref[seed], mine) for seed, mine in _by_seed(runs, names).items() if seed in ref]
-        harm_change = stats([m["harmful_score"] - r["harmful_score"] for r, m in pairs])
-        increase = stats([r["harmful_score"] for r, _ in pairs])["mean"] - base if pairs and base is not None \
-            else None
+        if label == reference or not pairs:
+            continue
+        harm = [(r["harmful_score"], m["harmful_score"]) for r, m in pairs
+                if r.get("harmful_score") is not None and m.get("harmful_score") is not None]
+        harm_change = stats([m - r for r, m in harm])
+        increase = stats([r for r, _ in harm])["mean"] - base if harm and base is not None else None
         out[label] = {"reference": reference, "n_pairs": len(pairs), "harm_change": harm_change,
+                      "harm_below": sum(m < r for r, m in harm), "increase": increase,
                       "harm_removed": -harm_change["mean"] / increase if increase and increase > 0 else None,
-                      "accuracy_change": stats([m.get("accuracy") - r["accuracy"] for r, m in pairs
-                                                if m.get("accuracy") is not None and r.get("accuracy") is not None]),
-                      "harm_below": sum(m["harmful_score"] < r["harmful_score"] for r, m in pairs)}
+                      "accuracy_change": stats([m["accuracy"] - r["accuracy"] for r, m in pairs
+                                                if m.get("accuracy") is not None and r.get("accuracy") is not None])}
     return out
 
 
 def _by_seed(runs: dict, names: list[str]) -> dict[int, dict]:
-    """seed -> headline figures of the finished runs among `names` that report a harmful score."""
-    out = {}
-    for name in names:
-        run = runs.get(name)
-        if run and run.get("status") == "done":
-            metrics = run_metrics(run["eval"])
-            if metrics.get("harmful_score") is not None:
-                out[run["seed"]] = metrics
-    return out
+    """seed -> headline figures of the finished runs among `names`."""
+    return {runs[n]["seed"]: run_metrics(runs[n]["eval"]) for n in names
+            if n in runs and runs[n].get("status") == "done"}
