@@ -139,8 +139,7 @@ def test_the_reference_is_the_entry_whose_method_is_sft_when_none_is_named_sft()
 
 
 def test_the_report_and_the_demo_measure_each_defense_against_sft(compared):
-    from safeprobe.experiments.demo import against_sft_lines
-    from safeprobe.reporting.summary import against_reference
+    from safeprobe.reporting.summary import against_reference, against_reference_lines
     _, _, out, results = compared
     sap = against_reference(results, "default")["sap"]
     sft_runs, sap_runs = results["main"]["default"]["sft"], results["main"]["default"]["sap"]
@@ -149,7 +148,7 @@ def test_the_report_and_the_demo_measure_each_defense_against_sft(compared):
     assert sap["harm_change"]["values"] == pytest.approx(diffs) and sap["n_pairs"] == 2
     row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| sap | 2 |"))
     assert f"{100 * statistics.fmean(diffs):+.1f}" in row
-    [line] = against_sft_lines(results)
+    [line] = against_reference_lines(results)
     assert line.startswith(f"sap: harmful score {100 * statistics.fmean(diffs):+.0f}")
 
 
@@ -160,7 +159,7 @@ def test_probe_raise_is_the_probed_minus_the_unprobed_loss_of_sap_rows_only():
     assert _probe_raise(logs) == {"sap": [[{"step": 1, "probe_raise": 0.5}]], "sft": [[]]}
 
 
-def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatch):
+def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatch, capsys):
     root, config, out, results = compared
     calls = {"train": 0, "eval": 0}
     real_train, real_eval = train_module._train, compare_module.run_eval
@@ -175,8 +174,10 @@ def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatc
     monkeypatch.setattr(compare_module, "run_eval", counting("eval", real_eval))
     adapters = {n: (out / r["folder"] / "adapter_model.safetensors").stat().st_mtime_ns
                 for n, r in results["runs"].items()}
+    capsys.readouterr()
     assert run_cli(root, config) == 0
     assert calls == {"train": 0, "eval": 0}
+    assert "sap: harmful score" in capsys.readouterr().out  # the end of a compare: each entry against SFT
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
     # what a kill leaves: one run's training unfinished (no run.json), another's evaluation not recorded
     (out / results["runs"]["sap-s2"]["folder"] / "run.json").unlink()

@@ -89,7 +89,9 @@ def _compare_config():
          "report.html", _compare_config)
 def _compare(cfg, console):
     from ..experiments.compare import run_compare
-    run_compare(cfg, console)
+    from ..reporting.summary import against_reference_lines
+    for line in against_reference_lines(run_compare(cfg, console)):
+        console.print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from ..reporting.summary import against_reference, run_metrics, stats, summarise
+from ..reporting.summary import against_reference_lines, run_metrics, stats, summarise
 from .align import AlignConfig, run_align
 from .compare import CompareConfig, run_compare
 from .train import check_output_dir
@@ -71,7 +71,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
     console.print(f"aligned base: {aligned['output_dir']}" + (" (reused)" if aligned["reused"] else ""))
     results = run_compare(compare_config(cfg, aligned["output_dir"]), console)
     console.print(results_table(results))
-    for line in against_sft_lines(results):
+    for line in against_reference_lines(results):
         console.print(line)
     console.print(f"report: {out / 'report.html'} (also report.md, results.json)")
     return results
@@ -93,27 +93,6 @@ def results_table(results: dict) -> Table:
     for label, figures in rows.items():
         table.add_row(label, *[_percent(figures.get(k)) for k in keys])
     return table
-
-
-def against_sft_lines(results: dict) -> list[str]:
-    """One line per entry: its harm and accuracy against plain fine-tuning's, and the share of the harm increase
-    it removes."""
-    lines = []
-    for label, p in against_reference(results, next(iter(results["main"]), "default")).items():
-        ref, removed = p["reference"], p["harm_removed"]
-        if removed is None:
-            share = f"{ref} adds no harm over the aligned base to remove"
-        elif removed >= 0:
-            share = f"removes {100 * removed:.0f}% of {ref}'s harmful-score increase over the aligned base"
-        else:
-            share = f"adds {100 * -removed:.0f}% to {ref}'s harmful-score increase over the aligned base"
-        lines.append(f"{label}: harmful score {_delta(p['harm_change'])}, accuracy {_delta(p['accuracy_change'])} "
-                     f"points against {ref} over {p['n_pairs']} seed(s): {share}")
-    return lines
-
-
-def _delta(stat: dict) -> str:
-    return "-" if stat["mean"] is None else f"{100 * stat['mean']:+.0f}"
 
 
 def _percent(stat: dict | None) -> str:

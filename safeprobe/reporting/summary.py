@@ -115,6 +115,29 @@ def against_reference(results: dict, setting: str) -> dict[str, dict]:
     return out
 
 
+def against_reference_lines(results: dict) -> list[str]:
+    """One line per entry (and setting): its harm and accuracy against plain fine-tuning's, and the share of the
+    harm increase it removes (what `demo` and `compare` print at the end)."""
+    lines = []
+    for setting in results["main"]:
+        prefix = f"[{setting}] " if len(results["main"]) > 1 else ""
+        for label, p in against_reference(results, setting).items():
+            ref, removed = p["reference"], p["harm_removed"]
+            if removed is None:
+                share = f"{ref} adds no harm over the base model to remove"
+            elif removed >= 0:
+                share = f"removes {100 * removed:.0f}% of {ref}'s harmful-score increase over the base model"
+            else:
+                share = f"adds {100 * -removed:.0f}% to {ref}'s harmful-score increase over the base model"
+            lines.append(f"{prefix}{label}: harmful score {_delta(p['harm_change'])}, accuracy "
+                         f"{_delta(p['accuracy_change'])} points against {ref} over {p['n_pairs']} seed(s): {share}")
+    return lines
+
+
+def _delta(stat: dict) -> str:
+    return "-" if stat["mean"] is None else f"{100 * stat['mean']:+.0f}"
+
+
 def _by_seed(runs: dict, names: list[str]) -> dict[int, dict]:
     """seed -> headline figures of the finished runs among `names`."""
     return {runs[n]["seed"]: run_metrics(runs[n]["eval"]) for n in names
