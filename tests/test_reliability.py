@@ -258,7 +258,8 @@ def test_the_demo_runs_consecutive_seeds_from_one_aligned_base(tmp_path, monkeyp
     aligned, compared = [], []
     monkeypatch.setattr(demo, "run_align", lambda cfg: aligned.append(cfg) or {
         "output_dir": str(tmp_path / "aligned"), "reused": False})
-    monkeypatch.setattr(demo, "run_compare", lambda cfg, console: compared.append(cfg) or {})
+    monkeypatch.setattr(demo, "run_compare", lambda cfg, console: compared.append(cfg) or {
+        "main": {}, "runs": {}, "base": None})
     monkeypatch.setattr(demo, "results_table", lambda results: "table")
     demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path / "out"), seed=7, seeds=3), Console(quiet=True))
     assert [cfg.seed for cfg in aligned] == [7] and compared[0].seeds == [7, 8, 9]
