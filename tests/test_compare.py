@@ -108,7 +108,7 @@ def _paired_results(runs: dict, base: float | None = 0.10, reference: str = "sft
 
 
 def test_against_sft_pairs_seeds_and_takes_the_share_of_the_mean_increase():
-    from safeprobe.reporting.summary import against_reference
+    from safeprobe.reporting.summary import against_reference, against_reference_lines
     runs = {"sft-s1": (0.30, 0.80), "sft-s2": (0.50, 0.90), "sap-s1": (0.20, 0.78), "sap-s2": (0.50, 0.86),
             "sap-s3": (0.0, 0.0),  # seed 3 has no SFT run to pair with: left out
             "lisa-s1": (0.25, None), "lisa-s2": (0.40, 0.90)}  # one run without a task suite
@@ -125,6 +125,11 @@ def test_against_sft_pairs_seeds_and_takes_the_share_of_the_mean_increase():
     assert no_base["harm_removed"] is None and no_base["harm_change"]["mean"] == pytest.approx(-0.05)
     # SFT adds no harm over the base: nothing to remove
     assert against_reference(_paired_results(runs, base=0.45), "default")["sap"]["harm_removed"] is None
+    lines = {base: against_reference_lines(_paired_results(runs, base=base))[0] for base in (None, 0.45, 0.10)}
+    assert lines[None].endswith("no base model evaluated to measure an increase from")
+    assert lines[0.45].endswith("sft adds no harm over the base model to remove")
+    assert lines[0.10] == ("sap: harmful score -5, accuracy -3 points against sft over 2 seed(s): removes 17% of "
+                           "sft's harmful-score increase over the base model")
 
 
 def test_the_reference_is_the_entry_whose_method_is_sft_when_none_is_named_sft():

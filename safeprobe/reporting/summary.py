@@ -123,7 +123,9 @@ def against_reference_lines(results: dict) -> list[str]:
         prefix = f"[{setting}] " if len(results["main"]) > 1 else ""
         for label, p in against_reference(results, setting).items():
             ref, removed = p["reference"], p["harm_removed"]
-            if removed is None:
+            if p["increase"] is None:
+                share = "no base model evaluated to measure an increase from"
+            elif removed is None:
                 share = f"{ref} adds no harm over the base model to remove"
             elif removed >= 0:
                 share = f"removes {100 * removed:.0f}% of {ref}'s harmful-score increase over the base model"
