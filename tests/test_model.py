@@ -5,6 +5,7 @@ per machine; tests that check the cache itself use a temporary SAFEPROBE_HOME.
 """
 import json
 import logging
+import warnings
 
 import huggingface_hub.constants
 import pytest
@@ -15,6 +16,7 @@ from safeprobe.errors import UserError
 from safeprobe.model import (MODEL_NAMES, apply_lora, decoder_layers, default_target_modules, load_model,
                              model_summary, prepare_full_finetune, trainable_parameters)
 from safeprobe.model import embedded
+from safeprobe.model.adapters import load_adapter
 from safeprobe.model.cache import STAMP_FILE
 from safeprobe.model.tiny import TINY_NAMES, build_tiny_model
 from safeprobe.model.tokenizer import CHATML_TEMPLATE
@@ -265,6 +267,14 @@ def test_apply_lora_defaults(name, tmp_path):
     assert all(p.grad is not None for _, p in trainable)
     peft_model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading an adapter prints nothing the user should act on
+        loaded = load_adapter(load_model(name)[0], tmp_path)
+    assert not loaded.training
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(trainable, (
+        (n, p) for n, p in loaded.named_parameters() if "lora_" in n)))
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_adapter(load_model(name)[0], tmp_path / "missing")
 
 
 def test_apply_lora_custom_targets():

@@ -9,6 +9,7 @@ import torch
 from ..data.tokenize import collator, encode
 from ..errors import UserError
 from ..method.losses import token_logprobs
+from ..model.adapters import load_adapter
 from .generate import eval_mode, generate
 from .judges import Judge, KeywordJudge, get_judge
 from .metrics import fraction
@@ -138,15 +139,8 @@ def run_eval(model_spec: str, adapter: str | None = None, suites=DEFAULT_SUITES,
     from ..model import load_model
     model, tokenizer = load_model(model_spec, dtype=dtype)
     if adapter:
-        model = _with_adapter(model, adapter)
+        model = load_adapter(model, adapter)
     result, rows = _evaluate(model, tokenizer, suite_objs, judge_objs, limit, max_new_tokens, batch_size, progress)
     result = {"model": {"spec": model_spec, "adapter": adapter, "dtype": dtype}, **result}
     write_report(output_dir, result, rows)
     return result
-
-
-def _with_adapter(model, adapter: str):
-    from peft import PeftModel
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"adapter '{adapter}': no adapter_config.json there (expected a PEFT adapter directory)")
-    return PeftModel.from_pretrained(model, adapter).eval()

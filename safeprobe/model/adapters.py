@@ -1,9 +1,11 @@
 """What gets trained: LoRA adapters (via PEFT) or every parameter (full fine-tuning)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -51,12 +53,26 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.05,
         fan_in_fan_out=model.config.model_type in ("gpt2", "gpt_bigcode"),
     )
     try:
-        with warnings.catch_warnings():
-            # PEFT probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: noise, not news.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with _quiet_peft():
             return get_peft_model(model, config)
     except ValueError as e:  # e.g. a target that is a container or an unsupported layer type
         raise UserError(f"cannot apply LoRA: {e}") from None
+
+
+def load_adapter(model, adapter: str | Path) -> PeftModel:
+    """`model` with the saved PEFT adapter in folder `adapter`, in eval mode."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"adapter '{adapter}': no adapter_config.json there (expected a PEFT adapter directory)")
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    with warnings.catch_warnings():
+        # PEFT probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: noise, not news.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def default_target_modules(model) -> list[str] | str:

@@ -1,0 +1,94 @@
+"""SAP on architectures the rest of the suite never builds: other layer paths (GPT-NeoX, OPT), fused attention
+projections as LoRA targets (GPT-NeoX, Phi-3, BLOOM), ALiBi instead of rotary positions (BLOOM) and logit
+soft-capping with alternating sliding-window layers (Gemma 2). The fast paths must give Algorithm 1's numbers or
+step aside, and the command-line pipeline (train, then evaluate the adapter) must run."""
+import contextlib
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import lora_model, pair_batch, task_batch
+from safeprobe.evaluation.runner import run_eval
+from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.method.losses import response_loss
+from safeprobe.method.probe import Probe
+from safeprobe.method.sap import global_norm, perturbation, probe_gradient, safe_probe, safety_direction
+from safeprobe.method.shared_forward import SharedLowerForward
+from safeprobe.method.shared_prompt import SharedPromptPass
+from safeprobe.model.embedded import embedded_dir
+from safeprobe.model.tokenizer import prepare_tokenizer
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+ARCHITECTURES = {
+    "gemma2": SIZES,
+    "gpt_neox": {**SIZES, "rotary_pct": 0.25},
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=512),
+    "phi3": SIZES,
+    "bloom": dict(hidden_size=64, n_layer=4, n_head=4),
+}
+# the cache of these models does not continue a prompt the way the padded batch sees it: SAP must notice
+NO_SHARED_PROMPT = {"gemma2", "bloom"}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """One tiny random checkpoint per architecture, with the real SmolLM2 tokenizer (chat template included)."""
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir())
+    root, dirs = tmp_path_factory.mktemp("architectures"), {}
+    for model_type, sizes in ARCHITECTURES.items():
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      tie_word_embeddings=True, **sizes)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        prepare_tokenizer(tokenizer, model, add_bos=False)
+        dirs[model_type] = root / model_type
+        model.save_pretrained(dirs[model_type])
+        tokenizer.save_pretrained(dirs[model_type])
+    return dirs
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_sap_fast_paths_give_algorithm_1_or_step_aside(model_dirs, model_type):
+    model, tok = lora_model(str(model_dirs[model_type]))
+    model.eval()  # no dropout: the layouts must agree to rounding
+    params = [p for p in model.parameters() if p.requires_grad]
+    pairs, batch = pair_batch(tok), task_batch(tok)
+    shared_prompt = SharedPromptPass()
+    s_shared, _ = safety_direction(model, params, pairs, "paper", shared_prompt)
+    s_padded, _ = safety_direction(model, params, pairs, "paper")
+    assert shared_prompt.verified is (model_type not in NO_SHARED_PROMPT)
+    assert global_norm(s_padded) > 0
+    assert global_norm([a - b for a, b in zip(s_shared, s_padded)]) / global_norm(s_padded) < 1e-6
+
+    probe = Probe(model, "middle")
+    delta, _ = perturbation(params, s_padded, 1e-3, "absolute")
+
+    def step_5_gradient(shared):
+        g_V, _, _ = probe_gradient(model, probe, params, delta, batch, shared=shared)
+        assert global_norm(g_V) > 0
+        with probe.active(safe_probe(g_V, 0.05)), shared.replayed(batch) if shared else contextlib.nullcontext():
+            return torch.autograd.grad(response_loss(model, batch), params)
+    lower = SharedLowerForward(model, probe.layers[0])
+    assert lower.supported
+    reused, straight = step_5_gradient(lower), step_5_gradient(None)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(reused, straight))
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "bloom"])
+def test_sap_trains_and_the_adapter_is_evaluated(model_dirs, model_type, tmp_path):
+    out = tmp_path / "run"
+    info = run_train(TrainConfig(method="sap", model=str(model_dirs[model_type]), task="sst2", n=8, n_safety=4,
+                                 max_steps=2, batch_size=2, safety_batch_size=2, max_length=96, probe_norm=1.0,
+                                 diagnostics_every=1, output_dir=str(out)))
+    assert info["global_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+    assert len((out / "diagnostics.jsonl").read_text().splitlines()) == 3  # before training, after each step
+    result = run_eval(str(model_dirs[model_type]), adapter=str(out), suites=["advbench", "sst2"], limit=2,
+                      max_new_tokens=4, output_dir=str(tmp_path / "eval"))
+    assert set(result["suites"]) == {"advbench", "sst2"}
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["suites"]["sst2"]["n"] == 2
+
