@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "SAFEPROBE_DATA" not in os.environ and SHARED_DATA.is_dir():
@@ -62,3 +63,12 @@ def lora_model(name="tiny-random-llama", dtype=torch.float64, dropout=0.0, seed=
 @pytest.fixture
 def llama64():
     return lora_model()
+
+
+def full_logits_logprobs(model, batch):
+    """The textbook computation: logits at every position, shifted by one, masked."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return logp * mask, mask

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import lora_model, pair_batch, task_batch
+from conftest import full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.evaluation.runner import run_eval
 from safeprobe.experiments.train import TrainConfig, run_train
-from safeprobe.method.losses import response_loss
+from safeprobe.method.losses import response_loss, token_logprobs
 from safeprobe.method.probe import Probe
 from safeprobe.method.sap import global_norm, perturbation, probe_gradient, safe_probe, safety_direction
 from safeprobe.method.shared_forward import SharedLowerForward
@@ -58,6 +58,10 @@ def test_sap_fast_paths_give_algorithm_1_or_step_aside(model_dirs, model_type):
     model.eval()  # no dropout: the layouts must agree to rounding
     params = [p for p in model.parameters() if p.requires_grad]
     pairs, batch = pair_batch(tok), task_batch(tok)
+    # the head only at response positions keeps what the model applies after its head (Gemma 2: soft-capping)
+    fast, mask = token_logprobs(model, batch)
+    slow, slow_mask = full_logits_logprobs(model, batch)
+    assert torch.equal(mask, slow_mask) and torch.allclose(fast, slow, rtol=0, atol=1e-12)
     shared_prompt = SharedPromptPass()
     s_shared, _ = safety_direction(model, params, pairs, "paper", shared_prompt)
     s_padded, _ = safety_direction(model, params, pairs, "paper")

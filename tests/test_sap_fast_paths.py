@@ -4,11 +4,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from safetensors.torch import load_file
 
-from conftest import lora_model, pair_batch, task_batch
+from conftest import full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
 from safeprobe.method.probe import Probe
@@ -21,15 +20,6 @@ from safeprobe.model import decoder_layers
 
 def params_of(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def full_logits_logprobs(model, batch):
-    """The textbook computation: logits at every position, shifted by one, masked."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
-    return logp * mask, mask
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
