@@ -245,8 +245,15 @@ def test_diagnostics_leave_the_trained_adapter_bit_identical(compared, tmp_path)
     assert all(len(r["cos_useful_harmful"]) == 4 and -1 <= r["cos_useful_harmful_all"] <= 1 for r in rows)
 
 
-@pytest.mark.parametrize("name", ["compare-example.yaml", "tune-sap.yaml", "amortised-tradeoff.yaml",
-                                  "sft-frontier.yaml"])
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+COMPARE_CONFIGS = [path.name for path in SHIPPED_CONFIGS if "methods:" in path.read_text()]
+
+
+def test_the_shipped_compare_configs_are_all_checked_below():
+    assert len(COMPARE_CONFIGS) >= 8 and "tune-sap.yaml" in COMPARE_CONFIGS
+
+
+@pytest.mark.parametrize("name", COMPARE_CONFIGS)
 def test_shipped_compare_configs_are_valid(name):
     from safeprobe.cli.config import from_mapping, read_yaml
     from safeprobe.experiments.compare import CompareConfig, plan
