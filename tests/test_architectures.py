@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from conftest import full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.evaluation.runner import run_eval
@@ -18,6 +18,7 @@ from safeprobe.method.sap import global_norm, perturbation, probe_gradient, safe
 from safeprobe.method.shared_forward import SharedLowerForward
 from safeprobe.method.shared_prompt import SharedPromptPass
 from safeprobe.model.embedded import embedded_dir
+from safeprobe.model.tiny import build_random_model
 from safeprobe.model.tokenizer import prepare_tokenizer
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -40,11 +41,7 @@ def model_dirs(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir())
     root, dirs = tmp_path_factory.mktemp("architectures"), {}
     for model_type, sizes in ARCHITECTURES.items():
-        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      tie_word_embeddings=True, **sizes)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
+        model = build_random_model(model_type, sizes, tokenizer)
         prepare_tokenizer(tokenizer, model, add_bos=False)
         dirs[model_type] = root / model_type
         model.save_pretrained(dirs[model_type])

@@ -39,7 +39,11 @@ def tiny_dir(name: str) -> Path:
 
 def build_tiny_model(name: str, tokenizer):
     """A freshly initialised tiny model `name` sized for `tokenizer` (deterministic: fixed seed)."""
-    model_type, overrides = TINY_CONFIGS[name]
+    return build_random_model(*TINY_CONFIGS[name], tokenizer)
+
+
+def build_random_model(model_type: str, overrides: dict, tokenizer):
+    """A freshly initialised model of `model_type` with config `overrides`, sized for `tokenizer` (fixed seed)."""
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
