@@ -238,6 +238,20 @@ def report(results: dict, args, device: str) -> dict:
     return summary
 
 
+def check_args(parser, args) -> None:
+    """One-line errors for settings the measurement cannot use (argparse exits with status 2)."""
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or "sft" not in modes:
+        parser.error(f"--modes {args.modes}: need sft and only these: {', '.join(MODES)}")
+    cycle = max(MODES[m].get("probe_every", 1) for m in modes)  # every phase of a refresh cycle gets timed
+    if args.steps < cycle or args.steps % cycle:
+        parser.error(f"--steps {args.steps}: must be a positive multiple of {cycle}")
+    for name in ("seq_len", "batch", "warmup"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-random-llama")
@@ -256,6 +270,7 @@ def main():
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated; sft must be one of them")
     p.add_argument("--output-dir", default="runs/bench")
     args = p.parse_args()
+    check_args(p, args)
     args.safety_pairs = args.safety_pairs or max(1, args.batch // 2)
     if args.threads:
         torch.set_num_threads(args.threads)
