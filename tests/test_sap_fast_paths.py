@@ -189,6 +189,10 @@ def test_the_shared_prompt_layout_rebuilds_every_safe_and_harmful_sequence():
     for row in range(2 * n):
         pair = row % n
         prefix = unpadded(shared["prefix_ids"][pair], shared["prefix_mask"][pair])
+        mask = [int(m) for m in shared["prefix_mask"][pair]]
+        # right-padded and never empty: no query of the prefix pass attends to nothing (NaN in eager attention)
+        assert mask[0] == 1 and mask == sorted(mask, reverse=True)
+        assert [int(p) for p, m in zip(shared["prefix_positions"][pair], mask) if m] == list(range(len(prefix)))
         tail = unpadded(shared["input_ids"][row], shared["attention_mask"][row])
         assert prefix + tail == unpadded(batch["input_ids"][row], batch["attention_mask"][row])
         labels = [int(y) for y in shared["labels"][row]]
@@ -201,6 +205,11 @@ def test_the_shared_prompt_layout_rebuilds_every_safe_and_harmful_sequence():
     # answers that differ from their first token on (and nothing to share) give no shared layout
     lone = [{"input_ids": [5, 6], "labels": [-100, 6], "attention_mask": [1, 1]}]
     assert PairCollator(tok)([{"safe": f, "harmful": f} for f in lone]).get("shared_prompt") is None
+    # nor does a batch where one pair shares nothing while another shares a prompt
+    shares = {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "attention_mask": [1, 1, 1, 1]}
+    pairs = [{"safe": shares, "harmful": shares}, {"safe": lone[0], "harmful": lone[0]}]
+    assert PairCollator(tok)(pairs[:1]).get("shared_prompt") is not None
+    assert PairCollator(tok)(pairs).get("shared_prompt") is None
     assert encode_pairs  # the layout comes from the same encoder the trainer uses
 
 

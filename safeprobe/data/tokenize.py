@@ -119,26 +119,29 @@ class PairCollator:
 
 
 def shared_prompt_layout(safe: list[dict], harmful: list[dict], pad_id: int) -> dict | None:
-    """The pairs as common prefixes (left-padded, one row per pair) and continuations (right-padded, the safe
-    ones first): prefix i followed by continuation i or n + i is the safe or the harmful sequence of pair i.
+    """The pairs as common prefixes (one row per pair) and continuations (the safe ones first), both right-padded:
+    prefix i followed by continuation i or n + i is the safe or the harmful sequence of pair i.
 
     A prefix ends one token before the first labelled token of either answer, so every labelled token is
-    predicted from inside its continuation. Position ids count real tokens only. None when no pair shares a
-    prefix of at least one token.
+    predicted from inside its continuation. Position ids count real tokens only; the attention mask hides the
+    padding between a prefix and its continuation. Right padding keeps every padding query behind a real token:
+    a left-padded row would start with queries that may attend to nothing, which eager attention (Gemma 2, BLOOM)
+    turns into NaN keys and values in the cache, and a masked NaN key still poisons the scores. For the same
+    reason every prefix needs a real token: None when some pair's answers share none (the padded batch is used).
     """
     cuts = [_shared_prefix_length(s, h) for s, h in zip(safe, harmful)]
-    if max(cuts) == 0:
+    if min(cuts) == 0:
         return None
     width = max(cuts)
     tails = list(zip(safe + harmful, cuts + cuts))  # (features, prefix length) of every row
     length = max(len(f["input_ids"]) - c for f, c in tails)
 
-    def right_pad(values: list, fill) -> list:
-        return values + [fill] * (length - len(values))
+    def right_pad(values: list, fill, size: int = length) -> list:
+        return values + [fill] * (size - len(values))
     return {
-        "prefix_ids": torch.tensor([[pad_id] * (width - c) + s["input_ids"][:c] for s, c in zip(safe, cuts)]),
-        "prefix_mask": torch.tensor([[0] * (width - c) + [1] * c for c in cuts]),
-        "prefix_positions": torch.tensor([[0] * (width - c) + list(range(c)) for c in cuts]),
+        "prefix_ids": torch.tensor([right_pad(s["input_ids"][:c], pad_id, width) for s, c in zip(safe, cuts)]),
+        "prefix_mask": torch.tensor([right_pad([1] * c, 0, width) for c in cuts]),
+        "prefix_positions": torch.tensor([list(range(width)) for _ in cuts]),  # a padding slot's is never used
         "input_ids": torch.tensor([right_pad(f["input_ids"][c:], pad_id) for f, c in tails]),
         "labels": torch.tensor([right_pad(f["labels"][c:], IGNORE) for f, c in tails]),
         "attention_mask": torch.tensor([right_pad([1] * (len(f["input_ids"]) - c), 0) for f, c in tails]),
