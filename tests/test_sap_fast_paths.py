@@ -281,3 +281,20 @@ def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_p
     run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=4, max_steps=2,
                           batch_size=4, safety_batch_size=2, max_length=96, output_dir=str(tmp_path / "out")))
     assert len(calls) == 3  # the one-time check, then step 1 of each of the two steps
+
+
+def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(monkeypatch):
+    import safeprobe.method.shared_prompt as shared_prompt
+    model, tok = lora_model()
+    batch = pair_batch(tok)
+    layout = batch["shared_prompt"]
+    monkeypatch.setattr(model.config, "sliding_window", layout["prefix_ids"].shape[1] + layout["input_ids"].shape[1],
+                        raising=False)
+    shared_pass = shared_prompt.SharedPromptPass()
+    shared_pass.logprobs(model, batch)
+    assert shared_pass.verified is True  # fits the window: the shared layout is used
+    monkeypatch.setattr(model.config, "sliding_window", layout["input_ids"].shape[1], raising=False)
+    monkeypatch.setattr(shared_prompt, "shared_prompt_logprobs", lambda *a: pytest.fail("window exceeded"))
+    logp, mask = shared_pass.logprobs(model, batch)
+    expected, expected_mask = token_logprobs(model, batch)
+    assert torch.equal(mask, expected_mask) and torch.equal(logp, expected)

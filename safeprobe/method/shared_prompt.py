@@ -37,7 +37,7 @@ class SharedPromptPass:
 
     def logprobs(self, model, pair_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         shared = pair_batch.get("shared_prompt")
-        if shared is None or self.verified is False:
+        if shared is None or self.verified is False or not _within_window(model, shared):
             return token_logprobs(model, pair_batch)
         if self.verified is None:
             self.verified = _agrees_with_padded(model, pair_batch)
@@ -61,6 +61,13 @@ def shared_prompt_logprobs(model, shared: dict) -> tuple[torch.Tensor, torch.Ten
     cache.reorder_cache(rows)
     attention = torch.cat([shared["prefix_mask"][rows], shared["attention_mask"]], dim=1)
     return token_logprobs(model, {**shared, "attention_mask": attention, "kv_cache": cache})
+
+
+def _within_window(model, shared: dict) -> bool:
+    """A sliding window counts cache slots, and the prompts' padding sits between a prompt and its answers: only
+    a layout no longer than the window is sure to attend as the padded batch does."""
+    window = getattr(getattr(model, "module", model).config, "sliding_window", None)
+    return not window or shared["prefix_ids"].shape[1] + shared["input_ids"].shape[1] <= window
 
 
 def _agrees_with_padded(model, pair_batch: dict) -> bool:
