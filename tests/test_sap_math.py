@@ -1,7 +1,10 @@
 """The mathematics of SAP (Algorithm 1) on a tiny model in fp64: exactness, derivatives, first-order identity."""
+import pytest
 import torch
 
-from conftest import lora_model, pair_batch, task_batch
+from conftest import PAIRS, lora_model, pair_batch, task_batch
+from safeprobe.data import SafetyPair
+from safeprobe.data.tokenize import PairCollator, encode_pairs
 from safeprobe.method.losses import contrastive_safety_loss, response_loss
 from safeprobe.method.probe import Probe
 from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, safe_probe, safety_direction
@@ -119,3 +122,23 @@ def test_one_sap_step_lowers_safety_loss_at_least_as_much_as_sft():
     print(f"L_safety(SFT step) - L_safety(SAP step) over seeds: {margins}")
     assert all(m >= 0 for m in margins), margins
     assert max(margins) > 0, margins
+
+
+@pytest.mark.parametrize("kind", ["paper", "dpo"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_safety_batch_in_chunks_gives_the_whole_batch_s(kind, shared):
+    from safeprobe.method.shared_prompt import SharedPromptPass
+    model, tok = lora_model()
+    model.eval()  # no dropout: one batch and its chunks must agree to rounding
+    params = params_of(model)
+    pairs = encode_pairs(tok, [SafetyPair((("user", p),), s, h) for p, s, h in PAIRS], 64).features
+    whole = PairCollator(tok)(pairs)
+    chunks = [PairCollator(tok)(pairs[:2]), PairCollator(tok)(pairs[2:])]  # unequal lengths and counts
+    shared_pass = (lambda: SharedPromptPass()) if shared else (lambda: None)
+    s_whole, loss_whole = safety_direction(model, params, whole, kind, shared_pass())
+    s_chunks, loss_chunks = safety_direction(model, params, chunks, kind, shared_pass())
+    assert torch.allclose(loss_chunks, loss_whole, rtol=1e-9, atol=0)
+    error = global_norm([a - b for a, b in zip(s_chunks, s_whole)]) / global_norm(s_whole)
+    assert global_norm(s_whole) > 0 and error < 1e-9, float(error)
+    s_first, _ = safety_direction(model, params, chunks[:1], kind, shared_pass())  # the check can fail
+    assert global_norm([a - b for a, b in zip(s_first, s_whole)]) / global_norm(s_whole) > 1e-3

@@ -87,7 +87,8 @@ class TrainConfig:
     probe_every: int = _help("SAP: recompute the probe every K steps", SAPConfig.probe_every)
     sap_mode: str = _help("SAP: paper (Algorithm 1) or reference (the authors' lagged schedule)", SAPConfig.mode)
     probe_lr: float = _help("SAP reference mode: probe AdamW learning rate", SAPConfig.probe_lr)
-    safety_batch_size: int = _help("SAP: safety pairs per safety batch", 8)
+    safety_batch_size: int = _help("SAP: safety pairs per safety batch (s is their gradient; a batch larger than "
+                                   "batch_size runs in chunks of batch_size pairs)", 8)
     # Lisa
     rho: float = _help("Lisa: strength of the proximal term towards the other state's weights", 1.0)
     lisa_align_steps: int = _help("Lisa: optimiser steps on alignment data per cycle", 10)

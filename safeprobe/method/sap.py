@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .losses import contrastive_safety_loss, response_loss, token_logprobs
+from .losses import contrastive_safety_loss, response_loss, safety_counts, token_logprobs
 from .shared_forward import SharedLowerForward
 from .shared_prompt import SharedPromptPass
 
@@ -69,15 +69,23 @@ def global_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
-def safety_direction(model, params: list, pair_batch: dict, loss_kind: str = "paper",
+def safety_direction(model, params: list, pair_batch: dict | list, loss_kind: str = "paper",
                      shared: SharedPromptPass | None = None):
     """Step 1: s = grad_W L_safety(W) over the trainable tensors (no .grad is touched). Returns (s, L_safety).
 
-    With `shared`, each pair's prompt runs once for both answers (see `shared_prompt`)."""
-    loss = contrastive_safety_loss(model, pair_batch, loss_kind, shared.logprobs if shared else token_logprobs)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    s = [at_least_fp32(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
-    return s, loss.detach()
+    `pair_batch` may be a list of chunks of one safety batch: s is then the gradient of the whole batch's loss,
+    one chunk's graph at a time (the memory of one chunk). With `shared`, each pair's prompt runs once for both
+    answers (see `shared_prompt`)."""
+    chunks = pair_batch if isinstance(pair_batch, list) else [pair_batch]
+    counts, logprobs = safety_counts(chunks), shared.logprobs if shared else token_logprobs
+    s, total = None, 0.0
+    for chunk in chunks:
+        loss = contrastive_safety_loss(model, chunk, loss_kind, logprobs, counts)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [at_least_fp32(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
+        s = grads if s is None else torch._foreach_add(s, grads)
+        total = total + loss.detach()
+    return s, total
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ class SAPTrainer(SafeprobeTrainer):
         # default: as many safety sequences (safe + harmful) as task examples, so step 1 costs one task batch
         safety_batch_size = safety_batch_size or max(1, self.args.per_device_train_batch_size // 2)
         self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
+        # a larger safety batch runs in chunks of at most one task batch of pairs: the memory of a task step
+        self._safety_chunk = max(1, self.args.per_device_train_batch_size)
         self._safety_batches = self._safety_stream()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._s, self._s_step = None, None
@@ -56,11 +58,13 @@ class SAPTrainer(SafeprobeTrainer):
 
     # -- data --------------------------------------------------------------------------------------
     def _safety_stream(self, skip: int = 0) -> EndlessBatches:
-        return EndlessBatches(self._safety_dataset, self._safety_batch_size, self.args.seed,
-                              PairCollator(self.processing_class), skip)
+        collate, size = PairCollator(self.processing_class), self._safety_chunk
+        chunked = lambda pairs: [collate(pairs[i:i + size]) for i in range(0, len(pairs), size)]  # noqa: E731
+        return EndlessBatches(self._safety_dataset, self._safety_batch_size, self.args.seed, chunked, skip)
 
-    def _next_safety_batch(self) -> dict:
-        return self._prepare_inputs(next(self._safety_batches))
+    def _next_safety_batch(self) -> list[dict]:
+        """One safety batch as a list of chunks."""
+        return [self._prepare_inputs(chunk) for chunk in next(self._safety_batches)]
 
     def _seed(self, tag: int) -> int:
         return hash((self.args.seed, self.state.global_step, tag, self.accelerator.process_index)) % 2**31
@@ -84,7 +88,7 @@ class SAPTrainer(SafeprobeTrainer):
         step = self.state.global_step
         if force or self._s is None or step - self._s_step >= self.sap.safety_every:
             batch = self._next_safety_batch()
-            with same_randomness(self._seed(1), batch["input_ids"].device):
+            with same_randomness(self._seed(1), batch[0]["input_ids"].device):
                 s, safety_loss = safety_direction(model, self._params, batch, self.sap.safety_loss,
                                                   self._shared_prompt)
             s = self._mean_across_ranks(s)
