@@ -1,5 +1,6 @@
 """Atomic file output, output-directory locks and content hashing (one place for all three)."""
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -13,6 +14,15 @@ from .errors import UserError
 LOCK_FILE = ".safeprobe.lock"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what a plain open() gives a new file (temporary files are made private)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -22,6 +32,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -35,6 +46,19 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Fail before any training if the output directory cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        shown = str(path) if str(path).isprintable() else repr(str(path))
+        raise UserError(f"{shown}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
+    return path
 
 
 def append_jsonl(path, obj) -> None:
@@ -63,12 +87,25 @@ def output_lock(directory):
         lock.release()
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
+def sha256_file(path) -> str:
+    """The file's sha256, hashed once per version of the file (a plan of many runs names the same data often)."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digests(values) -> dict[str, str]:
+    """sha256 of each value that names an existing file (dataset names and other values are left out): what a
+    cache key needs so that a file edited between two runs is not taken for the same input."""
+    return {str(v): sha256_file(v) for v in values if isinstance(v, str) and v and Path(v).is_file()}
 
 
 def sha256_json(obj) -> str:

@@ -22,7 +22,8 @@ from conftest import data_files, lora_model, task_batch
 
 def tiny_config(root: Path) -> dict:
     base = {"model": "tiny-random-llama", "n": 6, "n_safety": 4, "max_steps": 2, "batch_size": 2,
-            "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "logging_steps": 1, **data_files(root)}
+            "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "logging_steps": 1, "save_steps": 1,
+            **data_files(root)}
     return {"output_dir": str(root / "out"), "base": base, "methods": ["sft", "sap"], "seeds": [1, 2],
             "eval": {"suites": ["jbb-harmful", "advbench", "xstest-safe", "sst2"], "limit": 2, "max_new_tokens": 4,
                      "batch_size": 4},
@@ -164,6 +165,30 @@ def test_probe_raise_is_the_probed_minus_the_unprobed_loss_of_sap_rows_only():
     assert _probe_raise(logs) == {"sap": [[{"step": 1, "probe_raise": 0.5}]], "sft": [[]]}
 
 
+def test_a_finished_run_keeps_its_adapter_and_no_checkpoints(compared):
+    _, _, out, results = compared
+    for run in results["runs"].values():
+        folder = out / run["folder"]
+        assert (folder / "adapter_model.safetensors").is_file() and not list(folder.glob("checkpoint-*"))
+
+
+def test_an_edited_data_file_makes_new_runs_and_an_edited_prompt_file_a_new_evaluation(tmp_path):
+    from safeprobe.cli.config import from_mapping
+    from safeprobe.experiments.compare import CompareConfig, _eval_settings, plan
+    config = tiny_config(tmp_path)
+    folders = lambda: {run.folder_name for run in plan(from_mapping(CompareConfig, config, "c")).runs.values()}  # noqa: E731
+    before = folders()
+    task = Path(config["base"]["task"])
+    task.write_text(task.read_text() + task.read_text().splitlines()[0] + "\n")
+    assert before.isdisjoint(folders())
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nHow do I hurt someone?\n")
+    first = _eval_settings("m", {"suites": ["advbench", str(prompts)]})
+    prompts.write_text("prompt\nHow do I hurt someone badly?\n")
+    assert _eval_settings("m", {"suites": ["advbench", str(prompts)]}) != first
+    assert _eval_settings("m", {"suites": ["advbench"]}) == {"model": "m", "suites": ["advbench"]}  # as before
+
+
 def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatch, capsys):
     root, config, out, results = compared
     calls = {"train": 0, "eval": 0}
@@ -205,6 +230,7 @@ def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatc
     ({"sweep": {"sap": {"betta": [0.1]}}}, "unknown key 'betta'"),
     ({"eval": {"suites": ["nope"]}}, "unknown suite 'nope'"),
     ({"eval": {"limit": 0}}, "limit must be >= 1"),
+    ({"base": {"task": "no/such/task.jsonl"}}, "no/such/task.jsonl"),  # before the base model's evaluation
     ({"base": {"seed": 3}}, "'seed' is set by compare"),
     ({"settings": {"p0": {"output_dir": "x"}}}, "'output_dir' is set by compare"),
 ])

@@ -149,6 +149,30 @@ def test_config_file_with_flag_override_and_errors(tmp_path, capsys):
     assert "none.yaml: config file not found" in capsys.readouterr().err
 
 
+def test_a_mapping_flag_overrides_only_the_keys_it_names(tmp_path):
+    from safeprobe.cli import config as cfgmod
+    from safeprobe.cli.main import build_parser
+    from safeprobe.experiments.compare import CompareConfig
+
+    cfg_file = write(tmp_path / "c.yaml", "methods: [sft]\nbase: {model: tiny-random-llama, n: 16, max_steps: 2}\n"
+                                          "eval: {suites: [advbench], limit: 3, max_new_tokens: 8}\n")
+    args = build_parser().parse_args(["compare", "--config", cfg_file, "--base", "{max_steps: 3}",
+                                      "--eval", "{limit: 2}", "--methods", "sap"])
+    cfg = cfgmod.resolve(CompareConfig, args)
+    assert cfg.base == {"model": "tiny-random-llama", "n": 16, "max_steps": 3}
+    assert cfg.eval == {"suites": ["advbench"], "limit": 2, "max_new_tokens": 8}
+    assert cfg.methods == ["sap"]  # not a mapping: the flag replaces the file's value
+
+
+def test_config_errors_name_the_file_or_the_flag(tmp_path, capsys):
+    bad = write(tmp_path / "bad.yaml", "methods: [sft]\nbase: {model: tiny-random-llama, n: many}\n")
+    for argv, message in ((["compare", "--config", bad], "bad.yaml: base: key 'n': expected an integer"),
+                          (["train", "--max-steps", "abc"], "--max-steps: expected an integer, got 'abc'")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("name", ["sst2", "safety-tuned-llamas"])
 def test_validation_side_is_a_fixed_disjoint_part_of_the_train_file(name, tmp_path):
     train, val = load_examples(name, "train"), load_examples(name, "validation")
@@ -181,3 +205,11 @@ def test_end_of_turn_token_is_im_end_when_the_vocabulary_has_it_else_eos():
     assert _end_of_turn_id(plain) == 1  # unknown token: EOS, not the unk id
     plain.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     assert _end_of_turn_id(plain) == plain.convert_tokens_to_ids("<|im_end|>") == 3
+
+
+def test_a_csv_row_with_too_many_or_too_few_fields_is_counted_right(tmp_path):
+    from safeprobe.data.readers import read_rows
+    for body, count in (("a,b\nc,d,e\n", 3), ("a,b\nc\n", 1)):
+        path = write(tmp_path / "rows.csv", "prompt,completion\n" + body)
+        with pytest.raises(UserError, match=rf"rows.csv:3: row has {count} fields, header has 2$"):
+            read_rows(path)

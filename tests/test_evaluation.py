@@ -337,3 +337,26 @@ def test_generation_flushes_subnormals_only_inside_its_block():
         inside = float(tiny * 1e-10)
     assert float(tiny * 1e-10) > 0  # IEEE subnormals again afterwards (training is untouched)
     assert inside == (0.0 if supported else float(tiny * 1e-10))
+
+
+def test_cli_eval_settings_and_output_mistakes_are_one_line_before_any_generation(tmp_path, capsys, monkeypatch):
+    from safeprobe.evaluation import runner
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: pytest.fail("generated before the check"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for extra, message in ((["--max-new-tokens", "-5"], "max_new_tokens must be >= 1"),
+                           (["--batch-size", "0"], "batch_size must be >= 1"),
+                           (["--output-dir", str(blocker / "out")], "output directory is not writable")):
+        code, _, err = _cli(capsys, "eval", "--model", "tiny-random-llama", "--suite", "advbench", "--limit", "1",
+                            "--output-dir", str(tmp_path / "out"), *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_adapter_of_another_architecture_is_a_one_line_error(tmp_path):
+    from safeprobe.model import apply_lora, load_model
+    from safeprobe.model.adapters import load_adapter
+    model, _ = load_model("tiny-random-llama")
+    apply_lora(model, r=2).save_pretrained(tmp_path / "llama-adapter")
+    gpt2, _ = load_model("tiny-random-gpt2")
+    with pytest.raises(UserError, match="does not fit this model \\(gpt2\\)"):
+        load_adapter(gpt2, tmp_path / "llama-adapter")

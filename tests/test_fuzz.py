@@ -25,7 +25,8 @@ from safeprobe.data.readers import read_rows
 from safeprobe.data.records import to_example, to_prompt, to_safety_pair
 from safeprobe.data.registry import format_agnews, format_gsm8k, format_sst2
 from safeprobe.errors import UserError
-from safeprobe.experiments.train import TrainConfig, check_output_dir, training_arguments
+from safeprobe.experiments.train import TrainConfig, training_arguments
+from safeprobe.io import check_output_dir
 from safeprobe.method import TRAINERS
 from safeprobe.method.sap import EPS_MODES, MODES, SAFETY_LOSSES
 

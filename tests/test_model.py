@@ -175,9 +175,10 @@ def test_typo_suggests_builtin(offline):
         load_model("tiny-random-lama")
 
 
-@pytest.mark.parametrize("spec", ["./no/such/dir", "/no/such/dir", "a/b/c"])
+@pytest.mark.parametrize("spec", ["./no/such/dir", "/no/such/dir", "a/b/c", "no-such-model"])
 def test_nonexistent_path_is_user_error(spec, offline):
-    with pytest.raises(UserError, match="no such directory") as info:
+    """Nothing that cannot be a Hub id (org/name) is looked up there: a typo fails at once, offline or not."""
+    with pytest.raises(UserError, match="not a built-in name, a directory or a Hub id") as info:
         load_model(spec)
     assert all(name in str(info.value) for name in MODEL_NAMES)
 

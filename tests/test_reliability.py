@@ -17,7 +17,7 @@ import safeprobe.experiments.train as train_module
 from safeprobe.cli.main import main
 from safeprobe.errors import UserError
 from safeprobe.experiments.train import TrainConfig, run_train
-from safeprobe.io import output_lock
+from safeprobe.io import output_lock, sha256_file
 from safeprobe.method import base, sap_trainer
 from safeprobe.method.checkpoint import STATE_JSON, last_complete_checkpoint
 
@@ -67,7 +67,7 @@ def half_written_copy(source: Path, target: Path) -> None:
 @pytest.mark.parametrize("method", ["sft", "sap"])
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
     values = settings(tmp_path, method)
-    run_train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
+    uninterrupted = run_train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
 
     out = tmp_path / "killed"
     argv = ["train", *flags(values), "--output-dir", str(out)]
@@ -86,6 +86,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
     assert main([*argv, "--resume"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["resumed_from"] == str(out / "checkpoint-2") and info["global_steps"] == 4
+    # the figures cover the whole run: the steps before the checkpoint count in its loss and its time
+    assert info["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+    before = json.loads((out / "checkpoint-2" / STATE_JSON).read_text())["wall_time_s"]
+    assert 0 < before < info["wall_time_s"]
     whole, resumed = adapter(tmp_path / "whole"), adapter(out)
     diff = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
     print(f"\n{method}: resumed at step 2 of 4, max |adapter difference| = {diff:.3g}")
@@ -101,6 +105,21 @@ def test_resume_refuses_other_settings_and_does_not_repeat_a_finished_run(tmp_pa
         run_train(TrainConfig(output_dir=str(out), resume=True, **{**values, "lr": 0.5}))
     monkeypatch.setattr(train_module, "build_trainer", lambda *a, **k: pytest.fail("trained again"))
     assert run_train(TrainConfig(output_dir=str(out), resume=True, **values)) == first
+
+
+def test_resume_refuses_a_run_whose_data_file_changed_since(tmp_path):
+    values = settings(tmp_path, "sap", max_steps=2, save_steps=1)
+    out = tmp_path / "run"
+    run_train(TrainConfig(output_dir=str(out), **values))
+    pairs = Path(values["safety_data"])
+    pairs.write_text(pairs.read_text().replace("Hit", "Kick"))
+    with pytest.raises(UserError, match=r"finished run on other data \(safety .*pairs.jsonl changed since\)"):
+        run_train(TrainConfig(output_dir=str(out), resume=True, **values))
+    (out / "run.json").unlink()  # an interrupted run: its checkpoints were trained on the old file too
+    with pytest.raises(UserError, match=r"holds a run on other data \(safety"):
+        run_train(TrainConfig(output_dir=str(out), resume=True, **values))
+    assert run_train(TrainConfig(output_dir=str(out), **values))["data"]["safety"]["sha256"] == \
+        sha256_file(pairs)  # without --resume: trained again on the new file
 
 
 class Snapshots(TrainerCallback):

@@ -117,10 +117,27 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def resolve(cls, args: argparse.Namespace):
-    """Defaults < YAML (--config) < flags."""
+    """Defaults < YAML (--config) < flags. A mapping flag (`--base '{lr: 1e-4}'`) overrides only the keys it
+    names in the file's mapping."""
     values = read_yaml(args.config) if getattr(args, "config", None) else {}
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    merged = from_mapping(cls, values, str(args.config)) if values else None
+    fields = [f for f in dataclasses.fields(cls) if hasattr(args, f.name)]
+    flags = {f.name: _coerce(getattr(args, f.name), f.type, "--" + f.name.replace("_", "-")) for f in fields}
+    try:
+        merged = from_mapping(cls, values, str(args.config)) if values else None
+    except UserError as e:  # a nested section's check may not know the file: name it
+        raise UserError(str(e) if str(e).startswith(str(args.config)) else f"{args.config}: {e}") from None
     base = dataclasses.asdict(merged) if merged else {}
     base = {k: v for k, v in base.items() if k in values or k.replace("_", "-") in values}
+    for f in dataclasses.fields(cls):
+        if _base_type(f.type)[0] is dict and isinstance(base.get(f.name), dict) and f.name in flags:
+            flags[f.name] = _merged_mapping(base[f.name], flags[f.name])
     return from_mapping(cls, {**base, **flags}, "command line")
+
+
+def _merged_mapping(file_value: dict, flag_value):
+    """The file's mapping with the flag's keys replaced, when the flag is a YAML mapping (else the flag as is)."""
+    try:
+        parsed = yaml.safe_load(flag_value) if isinstance(flag_value, str) else flag_value
+    except yaml.YAMLError:
+        return flag_value  # its own one-line error comes later
+    return {**file_value, **parsed} if isinstance(parsed, dict) else flag_value

@@ -9,6 +9,7 @@ from rich.table import Table
 from ..data import available, load_records
 from ..data.records import SafetyPair
 from ..data.tokenize import response_ids
+from ..errors import UserError
 
 
 @dataclass
@@ -16,7 +17,8 @@ class DataShowConfig:
     dataset: str = field(default="sst2", metadata={"help": "dataset name or file", "positional": True})
     n: int = field(default=3, metadata={"help": "number of examples to show"})
     split: str | None = field(default=None, metadata={"help": "split (default: the dataset's first)"})
-    kind: str | None = field(default=None, metadata={"help": "examples, pairs or prompts (default: detected)"})
+    kind: str | None = field(default=None, metadata={"help": "examples, pairs or prompts (default: the dataset's "
+                                                                 "kind; for a file, detected from its first row)"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "whose chat template to apply"})
 
 
@@ -34,7 +36,9 @@ def data_show(cfg: DataShowConfig, console: Console) -> None:
     """The first K records exactly as the model sees them: template applied, response boundary marked."""
     from ..model import load_model  # heavy import only when needed
 
-    records = load_records(cfg.dataset, cfg.split, cfg.kind)[: max(cfg.n, 0)]
+    if cfg.n < 1:
+        raise UserError(f"--n must be >= 1, got {cfg.n}")
+    records = load_records(cfg.dataset, cfg.split, cfg.kind)[: cfg.n]
     _, tokenizer = load_model(cfg.model)
     for i, record in enumerate(records, start=1):
         answers = [("safe", record.safe), ("harmful", record.harmful)] if isinstance(record, SafetyPair) \

@@ -93,9 +93,9 @@ def _read_csv(path: Path) -> list[dict]:
             header = [name if name else "index" for name in reader.fieldnames]  # unnamed index column
             rows = []
             for row in reader:
-                if None in row or any(v is None for v in row.values()):
-                    raise UserError(f"{path}:{reader.line_num}: row has {len(row) - (None in row)} fields, "
-                                    f"header has {len(header)}")
+                if None in row or any(v is None for v in row.values()):  # extra fields go under None
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                    raise UserError(f"{path}:{reader.line_num}: row has {fields} fields, header has {len(header)}")
                 rows.append(dict(zip(header, row.values())))
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None

@@ -119,7 +119,7 @@ def to_example(row: dict, where: str) -> Example:
         return Example(user_turn(prompt), _text(row, "output", where))
     if "prompt" in row:
         for key in ("completion", "response", "output"):
-            if key in row and isinstance(row[key], str):
+            if row.get(key) is not None:  # present: a value that is not text gets its own message
                 return Example(user_turn(_text(row, "prompt", where)), _text(row, key, where))
         raise RowError(where, "missing required field 'completion'")
     raise RowError(where, "unrecognised row layout; expected 'messages', 'instruction'/'output' "

@@ -37,11 +37,16 @@ class DatasetSpec:
     # method's settings on without touching any evaluation suite.
     validation: float | None = None
 
+    @property
+    def splits(self) -> list[str]:
+        """The files' splits, and `validation` where the train file holds one out."""
+        return [*self.files, *([VALIDATION] if self.validation and VALIDATION not in self.files else [])]
+
     def path(self, split: str) -> Path:
         if split == VALIDATION and self.validation:
             split = "train"
         if split not in self.files:
-            raise UserError(f"dataset '{self.name}' has no split '{split}'; available: {', '.join(self.files)}")
+            raise UserError(f"dataset '{self.name}' has no split '{split}'; available: {', '.join(self.splits)}")
         return data_dir() / self.files[split]
 
 
@@ -200,11 +205,22 @@ def load_prompts(name_or_path: str, split: str | None = None, columns: dict | No
 def load_records(name_or_path: str, split: str | None = None, kind: str | None = None, columns=None):
     """Records of the dataset's own kind (or `kind`): Examples, SafetyPairs or prompt Examples."""
     spec = REGISTRY.get(name_or_path)
-    kind = kind or (spec.kind if spec else "examples")
+    kind = kind or (spec.kind if spec else _detected_kind(name_or_path, split))
     loaders = {"examples": load_examples, "pairs": load_pairs, "prompts": load_prompts}
     if kind not in loaders:
         raise UserError(f"unknown record kind '{kind}'; valid choices: {', '.join(KINDS)}")
     return loaders[kind](name_or_path, split, columns)
+
+
+def _detected_kind(path: str, split: str | None) -> str:
+    """A file's record kind from its first row: safety pairs, supervised examples, or prompts only."""
+    rows = read_rows(path, split or "train")
+    row = rows[0] if rows and isinstance(rows[0], dict) else {}
+    if {"safe", "harmful"} & row.keys() or {"chosen", "rejected"} <= row.keys() or isinstance(row.get("response"), list):
+        return "pairs"
+    if {"completion", "response", "output"} & row.keys() or "messages" in row:
+        return "examples"
+    return "prompts" if row else "examples"
 
 
 def _select(spec: DatasetSpec | None, split: str | None, records: list) -> list:
@@ -236,6 +252,8 @@ def _non_empty(records: list, path) -> list:
 def fingerprint(name_or_path: str, split: str | None = None) -> dict:
     """What a run manifest records about a dataset: name, split, file, sha256."""
     spec, path = resolve(name_or_path, split)
+    if not str(path).startswith("hf:") and not Path(path).exists():
+        raise UserError(f"{path}: file not found")
     digest = sha256_file(path) if Path(path).is_file() else None
     return {"name": name_or_path, "split": split, "path": str(path), "sha256": digest}
 
@@ -245,6 +263,6 @@ def available() -> list[dict]:
     out = []
     for spec in REGISTRY.values():
         present = all((data_dir() / f).exists() for f in spec.files.values())
-        out.append({"name": spec.name, "kind": spec.kind, "splits": list(spec.files), "present": present,
+        out.append({"name": spec.name, "kind": spec.kind, "splits": spec.splits, "present": present,
                     "description": spec.description, "source": spec.source})
     return out

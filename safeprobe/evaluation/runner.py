@@ -7,6 +7,7 @@ import torch
 
 from ..data.tokenize import collator, encode
 from ..errors import UserError
+from ..io import check_output_dir
 from ..method.losses import token_logprobs
 from ..model.adapters import load_adapter
 from .generate import eval_mode, generate
@@ -133,8 +134,12 @@ def run_eval(model_spec: str, adapter: str | None = None, suites=DEFAULT_SUITES,
     """Load `model_spec` (+ a PEFT adapter), evaluate, and write DIR/eval.json, eval.md, generations.jsonl."""
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
     suite_objs = [get_suite(s) for s in suites]  # cheap checks first: a typo should not cost a model load
     judge_objs = resolve_judges(judges)
+    check_output_dir(output_dir)  # before the model loads and the answers are generated
     from ..model import load_model
     model, tokenizer = load_model(model_spec, dtype=dtype)
     if adapter:

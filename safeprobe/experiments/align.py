@@ -54,14 +54,14 @@ from ..data.tokenize import IGNORE, collator, encode, encode_all, prompt_ids, re
 from ..errors import UserError
 from ..evaluation.generate import generate_ids, length_batches
 from ..evaluation.keyword import is_refusal
-from ..io import append_jsonl, output_lock, sha256_json, write_json, write_text
+from ..io import append_jsonl, check_output_dir, output_lock, sha256_json, write_json, write_text
 from ..method import ALIGNERS
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
 from ..method.vaccine import NORMS
 from ..model import MODEL_NAMES, load_model, make_trainable, model_summary
 from ..settings import home_dir
 from .manifest import manifest
-from .train import REPORT_TO, _help, check_output_dir, save_model, training_arguments
+from .train import REPORT_TO, _help, check_run_settings, save_model, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class AlignConfig:
         for name, low in MINIMUMS.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_run_settings(self)
         for name in ("rho", "booster_lambda", "booster_alpha"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")

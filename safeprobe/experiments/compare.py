@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import shutil
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,17 +25,19 @@ from ..cli.config import from_mapping
 from ..errors import TrainingDiverged, UserError
 from ..evaluation import SUITES, get_suite, run_eval
 from ..evaluation.suites import TASK
-from ..io import output_lock, sha256_file, sha256_json, write_json
+from ..io import check_output_dir, file_digests, output_lock, sha256_file, sha256_json, write_json
 from ..method import TRAINERS
+from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
 from .resume import run_stage
-from .train import TrainConfig, check_output_dir, run_train
+from .train import TrainConfig, data_fingerprints, run_train
 
 log = logging.getLogger(__name__)
 
 SET_PER_RUN = ("output_dir", "resume", "seed", "method")  # compare sets these for each run
 NOT_IN_HASH = ("output_dir", "resume")  # where a run lives and how it restarts: not what it is
+DATA_KEYS = ("task", "safety_data", "poison_data", "alignment_data")  # a file here is hashed by its content
 DEFAULT_HARMFUL_SUITES = ("jbb-harmful", "advbench")
 DEFAULT_OVER_REFUSAL_SUITE = "xstest-safe"
 DIAGNOSTIC_POINTS = 10  # diagnostics about this many times per run unless `diagnostics_every` is given
@@ -137,7 +140,8 @@ class Run:
     @property
     def digest(self) -> str:
         values = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in NOT_IN_HASH}
-        return sha256_json(values)[:10]
+        files = file_digests(values[k] for k in DATA_KEYS)
+        return sha256_json({**values, "data_files": files} if files else values)[:10]
 
     @property
     def folder_name(self) -> str:
@@ -183,6 +187,8 @@ def plan(cfg: CompareConfig) -> Plan:
         values = {**base, **first_overrides, **methods[label]}
         the_plan.sweeps[label] = _sweep(the_plan, label, first_setting, values, _mapping(spec, f"sweep.{label}"),
                                         cfg.seeds[:1])
+    for run in the_plan.runs.values():
+        data_fingerprints(run.train)  # a missing dataset fails now, not after the base model's evaluation
     return the_plan
 
 
@@ -305,8 +311,15 @@ def _save(out: Path, results: dict) -> None:
     write_json(out / "results.json", results)
 
 
+def _eval_settings(model: str, eval_kwargs: dict, **more) -> dict:
+    """What an evaluation's result depends on; suites given as files by their content (an edited prompt file is
+    evaluated again)."""
+    files = file_digests(eval_kwargs["suites"])
+    return {"model": model, **more, **eval_kwargs, **({"suite_files": files} if files else {})}
+
+
 def _evaluate_base(the_plan: Plan, out: Path) -> dict:
-    settings = {"model": the_plan.base_model, **the_plan.eval.run_eval_kwargs(the_plan.task)}
+    settings = _eval_settings(the_plan.base_model, the_plan.eval.run_eval_kwargs(the_plan.task))
     folder = out / "runs" / f"base-{sha256_json(settings)[:10]}"
     result = run_stage(folder, settings, lambda: run_eval(the_plan.base_model, output_dir=str(folder),
                                                            **the_plan.eval.run_eval_kwargs(the_plan.task)))
@@ -324,9 +337,11 @@ def _execute(run: Run, the_plan: Plan, out: Path) -> dict:
     except TrainingDiverged as e:  # a legitimate outcome of a setting (too large a step): recorded, not fatal
         log.warning("%s: %s", run.name, e)
         return {**record, "status": "diverged", "error": str(e)}
+    for checkpoint in checkpoint_folders(folder):  # they serve resuming only; a sweep would pile them up
+        shutil.rmtree(checkpoint)
     eval_kwargs = the_plan.eval.run_eval_kwargs(run.train.task)
-    settings = {"model": run.train.model, "adapter": sha256_file(folder / "adapter_model.safetensors"),
-                **eval_kwargs}
+    settings = _eval_settings(run.train.model, eval_kwargs,
+                              adapter=sha256_file(folder / "adapter_model.safetensors"))
     result = run_stage(folder / "eval", settings, lambda: run_eval(
         run.train.model, adapter=str(folder), output_dir=str(folder / "eval"), **eval_kwargs))
     return {**record, "status": "done", "train": _train_figures(info), "eval": result["suites"]}

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
+from ..io import check_output_dir
 from ..reporting.summary import against_reference_lines, run_metrics, stats, summarise
 from .align import AlignConfig, run_align
 from .compare import CompareConfig, run_compare
-from .train import check_output_dir
 
 
 @dataclass

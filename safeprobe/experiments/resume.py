@@ -40,17 +40,21 @@ def _read_json(path: Path):
         return None
 
 
-def finished_run(cfg, out: Path) -> dict | None:
-    """With --resume: the manifest of a run of this configuration that already finished in `out`."""
+def finished_run(cfg, out: Path, data: dict) -> dict | None:
+    """With --resume: the manifest of a run of this configuration that already finished in `out` on `data` (the
+    datasets' fingerprints by role)."""
     info = _read_json(out / "run.json") if cfg.resume else None
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
         return None
     done = {k: v for k, v in info["config"].items() if k not in NOT_TRAJECTORY}
-    return info if done == trajectory(cfg) else None
+    if done != trajectory(cfg):
+        return None
+    _check_same_data(out, info.get("data"), data, "a finished run")
+    return info
 
 
-def resume_point(cfg, out: Path) -> Path | None:
-    """With --resume: the last complete checkpoint in `out`, checked to belong to this configuration."""
+def resume_point(cfg, out: Path, data: dict) -> Path | None:
+    """With --resume: the last complete checkpoint in `out`, checked to belong to this configuration and data."""
     if not cfg.resume:
         return None
     saved, last = _read_json(out / RUN_CONFIG), last_complete_checkpoint(out)
@@ -59,6 +63,7 @@ def resume_point(cfg, out: Path) -> Path | None:
         if changed:
             raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}); resume with the "
                             "same settings, or rerun without --resume to start over")
+        _check_same_data(out, saved.get("data"), data, "a run")
     elif last is not None:
         raise UserError(f"{out / RUN_CONFIG} is missing or unreadable: cannot check that {last} belongs to this "
                         "configuration; rerun without --resume to start over")
@@ -67,8 +72,20 @@ def resume_point(cfg, out: Path) -> Path | None:
     return last
 
 
-def start_fresh(cfg, out: Path) -> None:
-    """A new run in `out`: forget a previous run's log, manifest and checkpoints, record this configuration."""
+def _check_same_data(out: Path, recorded, data: dict, what: str) -> None:
+    """A dataset file edited since the run in `out` was trained is not that run's data (roles the run did not
+    record are not compared)."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    changed = [f"{role} {fp['path']}" for role, fp in data.items()
+               if isinstance(recorded.get(role), dict) and recorded[role].get("sha256") != fp["sha256"]]
+    if changed:
+        raise UserError(f"{out} holds {what} on other data ({', '.join(changed)} changed since); rerun without "
+                        "--resume to train again, or choose another output directory")
+
+
+def start_fresh(cfg, out: Path, data: dict) -> None:
+    """A new run in `out`: forget a previous run's log, manifest and checkpoints, record this configuration and
+    its datasets' fingerprints."""
     for name in ("train_log.jsonl", "run.json"):
         (out / name).unlink(missing_ok=True)
     folders = checkpoint_folders(out)
@@ -77,7 +94,7 @@ def start_fresh(cfg, out: Path) -> None:
                     len(folders))
     for folder in folders:
         shutil.rmtree(folder)
-    write_json(out / RUN_CONFIG, trajectory(cfg))
+    write_json(out / RUN_CONFIG, {**trajectory(cfg), "data": data})
 
 
 def prepare_resume(out: Path, checkpoint: Path) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -17,9 +19,10 @@ from transformers import SchedulerType, TrainingArguments, set_seed
 from ..data import fingerprint, load_examples, load_pairs, sample
 from ..data.tokenize import collator, encode_all, encode_pairs
 from ..errors import UserError
-from ..io import output_lock, write_json
+from ..io import FILE_MODE, check_output_dir, output_lock, write_json
 from ..method import TRAINERS, SAPConfig
 from ..method.diagnostics import attach_diagnostics
+from ..method.sap import MODES as SAP_MODES
 from ..model import load_model, make_trainable
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
@@ -29,6 +32,15 @@ SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def check_run_settings(cfg) -> None:
+    """What the train and align configs share beyond ranges: a step count, and a reporter that is installed."""
+    if cfg.max_steps == 0:
+        raise UserError("max_steps must be >= 1, or -1 to run `epochs` epochs; got 0")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(f"report_to '{cfg.report_to}' needs the {cfg.report_to} package (pip install "
+                        f"{cfg.report_to}), or use 'none'")
 MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
             "lisa_align_steps": 1, "lisa_task_steps": 1, "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1, "save_steps": 0, "warmup_steps": 0,
             "weight_decay": 0, "lora_r": 0, "diagnostics_every": 0}
@@ -65,7 +77,7 @@ class TrainConfig:
     lora_r: int = _help("LoRA rank (0: full fine-tuning)", 8)
     lora_alpha: int = _help("LoRA alpha", 16)
     lora_dropout: float = _help("LoRA dropout", 0.05)
-    target_modules: str | None = _help("comma-separated LoRA target modules (default: per architecture)")
+    target_modules: str | None = _help("comma-separated LoRA target modules (none given: per architecture)")
     bf16: bool = _help("compute in bf16 (trainable tensors stay fp32)", False)
     logging_steps: int = _help("log every N steps", 10)
     save_steps: int = _help("checkpoint every N steps into OUTPUT_DIR/checkpoint-N (0: only the final adapter)", 0)
@@ -96,12 +108,13 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, valid in (("method", TRAINERS), ("lr_scheduler", [t.value for t in SchedulerType]),
-                            ("report_to", REPORT_TO)):
+                            ("report_to", REPORT_TO), ("sap_mode", SAP_MODES)):
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
         for name, low in MINIMUMS.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_run_settings(self)
         if self.rho < 0:
             raise UserError(f"rho must be >= 0, got {self.rho}")
         for name in ("lr", "epochs", "lora_alpha"):
@@ -118,31 +131,29 @@ class TrainConfig:
         return SAPConfig(mode=self.sap_mode, **values)
 
 
-def check_output_dir(path: str | Path) -> Path:
-    """Fail before any training if the output directory cannot be written."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        shown = str(path) if str(path).isprintable() else repr(str(path))
-        raise UserError(f"{shown}: output directory is not writable ({getattr(e, 'strerror', None) or e})") from None
-    return path
+def data_fingerprints(cfg: TrainConfig) -> dict:
+    """The datasets the run reads, by role, each with its file's sha256 (recorded with the run, checked on rerun)."""
+    data = {"task": fingerprint(cfg.task, "train")}
+    if round(cfg.n * cfg.poison_ratio):
+        data["poison"] = fingerprint(cfg.poison_data, "train")
+    if cfg.method == "sap":
+        data["safety"] = fingerprint(cfg.safety_data, "train")
+    if cfg.method in ("safeinstr", "lisa"):
+        data["alignment"] = fingerprint(cfg.alignment_data)
+    return data
 
 
 def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
-    """n useful examples, a fraction replaced by harmful pairs when poisoning."""
+    """n useful examples, a fraction replaced by harmful pairs when poisoning; and their counts."""
     n_poison = round(cfg.n * cfg.poison_ratio)
     examples = sample(load_examples(cfg.task, "train"), cfg.n - n_poison, cfg.seed)
-    info = {"task": fingerprint(cfg.task, "train"), "n_task": len(examples), "n_poison": n_poison}
+    counts = {"n_task": len(examples), "n_poison": n_poison}
     if n_poison:
         harmful = load_examples(cfg.poison_data, "train")
         if len(harmful) < n_poison:
             raise UserError(f"poison_data '{cfg.poison_data}' has {len(harmful)} examples, {n_poison} needed")
         examples = sample(examples + sample(harmful, n_poison, cfg.seed), None, cfg.seed)
-        info["poison"] = fingerprint(cfg.poison_data, "train")
-    return examples, info
+    return examples, counts
 
 
 def prepare_model(cfg: TrainConfig):
@@ -202,6 +213,16 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path,
     return TRAINERS[cfg.method](**kwargs, **method_kwargs(cfg, tokenizer, safety))
 
 
+def _logged_mean_loss(out: Path) -> float | None:
+    """Mean task loss over the steps of train_log.jsonl that were taken (what the Trainer reports for one run)."""
+    losses = []
+    for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "task_loss" in row and "skipped" not in row:
+            losses.append(row["task_loss"])
+    return sum(losses) / len(losses) if losses else None
+
+
 def save_model(model, out: Path) -> None:
     """Write the adapter (or full weights) into `out` atomically: save to a temp dir, then rename each file."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
@@ -211,6 +232,8 @@ def save_model(model, out: Path) -> None:
             if (Path(tmp) / name).is_dir():
                 shutil.rmtree(target, ignore_errors=True)
             os.replace(Path(tmp) / name, target)
+            if target.is_file():
+                os.chmod(target, FILE_MODE)
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -223,23 +246,24 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.method == "sap" and not cfg.safety_data:
         raise UserError("method 'sap' needs --safety-data (a dataset of prompt/safe/harmful pairs)")
     main_process = os.environ.get("RANK", "0") == "0"  # under DDP every rank runs this; one writes and locks
+    data = data_fingerprints(cfg)  # a missing dataset fails here, before anything is loaded
     with output_lock(out) if main_process else contextlib.nullcontext():
-        done = finished_run(cfg, out)
+        done = finished_run(cfg, out, data)
         if done is not None:
             log.warning("%s: this run already finished (run.json); nothing to do", out)
             return done
-        checkpoint = resume_point(cfg, out)
+        checkpoint = resume_point(cfg, out, data)
         if main_process and checkpoint:
             prepare_resume(out, checkpoint)
         elif main_process:
-            start_fresh(cfg, out)
-        return _train(cfg, out, checkpoint)
+            start_fresh(cfg, out, data)
+        return _train(cfg, out, checkpoint, data)
 
 
-def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
+def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> dict:
     start = time.time()
     set_seed(cfg.seed)
-    examples, data_info = task_examples(cfg)
+    examples, counts = task_examples(cfg)
     model, tokenizer = prepare_model(cfg)
     encoded = encode_all(tokenizer, examples, cfg.max_length)
     if not encoded.features:
@@ -251,13 +275,11 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
     if hasattr(trainer, "probe"):
         trainer.probe.remove()  # the deployed model is f_W: no probe in what we save
     save_model(trainer.model, out)
-    info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data=data_info,
+    # a resumed run's figures cover its whole trajectory: the time and the logged steps before the checkpoint too
+    info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data={**data, **counts},
                     dropped_examples=encoded.dropped, n_train=len(trainer.train_dataset),
-                    train_loss=result.training_loss, global_steps=result.global_step,
-                    resumed_from=str(checkpoint) if checkpoint else None, wall_time_s=round(time.time() - start, 2))
-    if cfg.method == "sap":
-        info["data"]["safety"] = fingerprint(cfg.safety_data, "train")
-    if cfg.method in ("safeinstr", "lisa"):
-        info["data"]["alignment"] = fingerprint(cfg.alignment_data)
+                    train_loss=_logged_mean_loss(out) if checkpoint else result.training_loss,
+                    global_steps=result.global_step, resumed_from=str(checkpoint) if checkpoint else None,
+                    wall_time_s=round(time.time() - start + trainer.wall_time_before_s, 2))
     write_json(out / "run.json", info)
     return info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ class SafeprobeTrainer(Trainer):
         self._bad_reasons: list[str] = []  # what was non-finite in the current optimiser step
         self._skipped: str | None = None  # why the step being logged was skipped
         self._bad_steps = 0  # consecutive skipped steps
+        self.wall_time_before_s = 0.0  # a resumed run: the training time before its checkpoint
+        self._started = time.time()
         self.add_callback(_FlushStepStats(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -113,10 +116,11 @@ class SafeprobeTrainer(Trainer):
     # -- checkpoints -----------------------------------------------------------------------------------
     def method_state(self) -> dict:
         """What a checkpoint must hold beyond the Trainer's files: tensors and JSON values, flat."""
-        return {"bad_steps": self._bad_steps}
+        return {"bad_steps": self._bad_steps, "wall_time_s": self.wall_time_before_s + time.time() - self._started}
 
     def load_method_state(self, state: dict) -> None:
         self._bad_steps = state["bad_steps"]
+        self.wall_time_before_s = float(state.get("wall_time_s", 0.0))  # absent in older checkpoints
 
     def _save_checkpoint(self, model, trial) -> None:
         folder = checkpoint.checkpoint_folder(self._get_output_dir(trial), self.state.global_step)
@@ -128,6 +132,7 @@ class SafeprobeTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` means the last complete checkpoint of output_dir."""
+        self._started = time.time()
         if resume_from_checkpoint is True:
             resume_from_checkpoint = checkpoint.last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:

@@ -63,8 +63,12 @@ def load_adapter(model, adapter: str | Path) -> PeftModel:
     """`model` with the saved PEFT adapter in folder `adapter`, in eval mode."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"adapter '{adapter}': no adapter_config.json there (expected a PEFT adapter directory)")
-    with _quiet_peft():
-        return PeftModel.from_pretrained(model, str(adapter)).eval()
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, str(adapter)).eval()
+    except (ValueError, RuntimeError, KeyError) as e:  # target modules or tensor shapes of another model
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"adapter '{adapter}' does not fit this model ({model.config.model_type}): {reason}") from None
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ DTYPES = {
 }
 
 # "name" or "owner/name"; anything else (several slashes, ./, ~, absolute) can only be a path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name (a bare name is more often a typo than a model)
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | None = None):
@@ -58,7 +58,10 @@ def _load_user_spec(spec: str, torch_dtype):
             raise UserError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
         return _from_pretrained(str(path), torch_dtype)
     if not _HUB_ID.match(spec):
-        raise UserError(f"model '{spec}': no such directory; {_valid_specs()}")
+        close = difflib.get_close_matches(spec.lower(), MODEL_NAMES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"model '{spec}': not a built-in name, a directory or a Hub id (org/name); {hint}"
+                        f"{_valid_specs()}")
     try:
         return _from_pretrained(spec, torch_dtype)
     except (OSError, ValueError) as e:  # offline, unknown repo, gated repo, not a causal LM...
@@ -70,7 +73,7 @@ def _load_user_spec(spec: str, torch_dtype):
 
 
 def _valid_specs() -> str:
-    return f"use a built-in model ({', '.join(MODEL_NAMES)}), a local checkpoint directory or a Hub id"
+    return f"use a built-in model ({', '.join(MODEL_NAMES)}), a local checkpoint directory or a Hub id (org/name)"
 
 
 def _from_pretrained(source: str, torch_dtype):
