@@ -176,7 +176,8 @@ def test_an_edited_data_file_makes_new_runs_and_an_edited_prompt_file_a_new_eval
     from safeprobe.cli.config import from_mapping
     from safeprobe.experiments.compare import CompareConfig, _eval_settings, plan
     config = tiny_config(tmp_path)
-    folders = lambda: {run.folder_name for run in plan(from_mapping(CompareConfig, config, "c")).runs.values()}  # noqa: E731
+    def folders():
+        return {run.folder_name for run in plan(from_mapping(CompareConfig, config, "c")).runs.values()}
     before = folders()
     task = Path(config["base"]["task"])
     task.write_text(task.read_text() + task.read_text().splitlines()[0] + "\n")

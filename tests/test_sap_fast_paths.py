@@ -304,8 +304,10 @@ def test_a_safety_batch_larger_than_the_task_batch_runs_in_chunks_of_the_task_ba
     from safeprobe.method import sap_trainer
     sizes = []
     original = sap_trainer.safety_direction
-    monkeypatch.setattr(sap_trainer, "safety_direction",
-                        lambda m, p, chunks, *a: sizes.append([c["n_pairs"] for c in chunks]) or original(m, p, chunks, *a))
+    def recording(model, params, chunks, *args):
+        sizes.append([chunk["n_pairs"] for chunk in chunks])
+        return original(model, params, chunks, *args)
+    monkeypatch.setattr(sap_trainer, "safety_direction", recording)
     run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=10, max_steps=2,
                           batch_size=2, safety_batch_size=5, max_length=96, output_dir=str(tmp_path / "out")))
     assert sizes == [[2, 2, 1], [2, 2, 1]]

@@ -216,7 +216,8 @@ def _detected_kind(path: str, split: str | None) -> str:
     """A file's record kind from its first row: safety pairs, supervised examples, or prompts only."""
     rows = read_rows(path, split or "train")
     row = rows[0] if rows and isinstance(rows[0], dict) else {}
-    if {"safe", "harmful"} & row.keys() or {"chosen", "rejected"} <= row.keys() or isinstance(row.get("response"), list):
+    pair_fields = {"safe", "harmful"} & row.keys() or {"chosen", "rejected"} <= row.keys()
+    if pair_fields or isinstance(row.get("response"), list):
         return "pairs"
     if {"completion", "response", "output"} & row.keys() or "messages" in row:
         return "examples"

@@ -32,6 +32,9 @@ SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
+            "lisa_align_steps": 1, "lisa_task_steps": 1, "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1,
+            "save_steps": 0, "warmup_steps": 0, "weight_decay": 0, "lora_r": 0, "diagnostics_every": 0}
 
 
 def check_run_settings(cfg) -> None:
@@ -41,9 +44,6 @@ def check_run_settings(cfg) -> None:
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"report_to '{cfg.report_to}' needs the {cfg.report_to} package (pip install "
                         f"{cfg.report_to}), or use 'none'")
-MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
-            "lisa_align_steps": 1, "lisa_task_steps": 1, "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1, "save_steps": 0, "warmup_steps": 0,
-            "weight_decay": 0, "lora_r": 0, "diagnostics_every": 0}
 
 
 def _help(text: str, default=None, **kw):
