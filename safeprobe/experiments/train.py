@@ -175,8 +175,16 @@ def training_arguments(cfg: TrainConfig, out: Path) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available())
 
 
+def _n_safety(records: list, cfg: TrainConfig, source: str) -> list:
+    """cfg.n_safety seeded records, or all of them (with a warning) when the source has fewer."""
+    if len(records) < cfg.n_safety:
+        log.warning("%s has %d records, n_safety asks for %d: using %d", source, len(records), cfg.n_safety,
+                    len(records))
+    return sample(records, cfg.n_safety, cfg.seed)
+
+
 def safety_features(cfg: TrainConfig, tokenizer) -> list[dict]:
-    pairs = sample(load_pairs(cfg.safety_data, "train"), cfg.n_safety, cfg.seed)
+    pairs = _n_safety(load_pairs(cfg.safety_data, "train"), cfg, cfg.safety_data)
     encoded = encode_pairs(tokenizer, pairs, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.safety_data}: no usable safety pairs within max_length={cfg.max_length}")
@@ -185,7 +193,7 @@ def safety_features(cfg: TrainConfig, tokenizer) -> list[dict]:
 
 def safety_demos(cfg: TrainConfig, tokenizer) -> list[dict]:
     """SafeInstr's and Lisa's alignment data: n_safety (harmful instruction -> refusal) examples, encoded."""
-    demos = sample(load_examples(cfg.alignment_data), cfg.n_safety, cfg.seed)
+    demos = _n_safety(load_examples(cfg.alignment_data), cfg, cfg.alignment_data)
     encoded = encode_all(tokenizer, demos, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.alignment_data}: no usable examples within max_length={cfg.max_length}")
