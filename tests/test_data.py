@@ -213,3 +213,12 @@ def test_a_csv_row_with_too_many_or_too_few_fields_is_counted_right(tmp_path):
         path = write(tmp_path / "rows.csv", "prompt,completion\n" + body)
         with pytest.raises(UserError, match=rf"rows.csv:3: row has {count} fields, header has 2$"):
             read_rows(path)
+
+
+def test_the_top_level_help_does_not_load_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom safeprobe.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: safeprobe" in out and out.strip().endswith("False")

@@ -6,9 +6,6 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
-from ..data import available, load_records
-from ..data.records import SafetyPair
-from ..data.tokenize import response_ids
 from ..errors import UserError
 
 
@@ -23,6 +20,7 @@ class DataShowConfig:
 
 
 def data_list(console: Console) -> None:
+    from ..data import available  # imports stay in the commands: `safeprobe --help` should not load torch
     table = Table(title="safeprobe datasets ($SAFEPROBE_DATA)")
     for column in ("name", "kind", "splits", "local", "description", "source"):
         table.add_column(column, overflow="fold")
@@ -34,6 +32,9 @@ def data_list(console: Console) -> None:
 
 def data_show(cfg: DataShowConfig, console: Console) -> None:
     """The first K records exactly as the model sees them: template applied, response boundary marked."""
+    from ..data import load_records
+    from ..data.records import SafetyPair
+    from ..data.tokenize import response_ids
     from ..model import load_model  # heavy import only when needed
 
     if cfg.n < 1:

@@ -94,7 +94,9 @@ def _compare(cfg, console):
         console.print(line)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the flags of that command alone (the others' configs import torch,
+    which `safeprobe --help` should not wait for)."""
     parser = argparse.ArgumentParser(prog="safeprobe", description="Fine-tune LLMs without losing their safety "
                                      "alignment (Safety-Aware Probing).")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
@@ -110,9 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
             target = groups[words[0]]
         p = target.add_parser(words[-1], help=help_text, description=help_text)
         p.set_defaults(handler=name)
-        if config_cls is not None:
+        if config_cls is not None and only in (None, name):
             cfgmod.add_arguments(p, _dataclass(config_cls))
     return parser
+
+
+def _command_in(argv: list[str]) -> str:
+    """The command that `argv` names ('' for none): its first one or two words that are not flags."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    return next((name for name in (" ".join(words), *words[:1]) if name in COMMANDS), "")
 
 
 def _dataclass(config_cls):
@@ -120,7 +128,8 @@ def _dataclass(config_cls):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
