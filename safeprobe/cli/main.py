@@ -1,4 +1,4 @@
-"""The `safeprobe` command line: every subcommand takes --config FILE.yaml plus flags that override it."""
+"""The `safeprobe` command line: every subcommand with settings takes --config FILE.yaml plus flags that override it."""
 from __future__ import annotations
 
 import argparse
