@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import shutil
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
