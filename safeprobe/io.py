@@ -49,7 +49,7 @@ def write_json(path, obj) -> None:
 
 
 def check_output_dir(path: str | Path) -> Path:
-    """Fail before any training if the output directory cannot be written."""
+    """Fail before any model is loaded if the output directory cannot be written (train, eval, align, compare)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
