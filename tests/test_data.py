@@ -222,3 +222,51 @@ def test_the_top_level_help_does_not_load_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage: safeprobe" in out and out.strip().endswith("False")
+
+
+# -- training order --------------------------------------------------------------------------------------------------
+def _runs(kinds: list[str]) -> int:
+    """The longest run of consecutive equal kinds."""
+    longest = current = 1
+    for before, after in zip(kinds, kinds[1:]):
+        current = current + 1 if after == before else 1
+        longest = max(longest, current)
+    return longest
+
+
+def test_length_grouped_batches_keep_lengths_close_and_interleave_the_kinds():
+    """Long and short examples (the alignment's refusals and self-answers) in batches of similar length whose kinds
+    alternate at random, where transformers' sampler gives blocks of one kind (the failure this sampler fixes)."""
+    import random
+
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from safeprobe.data.sampling import LengthGroupedBatches
+    rng = random.Random(0)
+    lengths = [rng.randint(90, 160) for _ in range(400)] + [rng.randint(20, 60) for _ in range(560)]
+    rng.shuffle(lengths)
+    order = list(LengthGroupedBatches(lengths, 8, seed=42))
+    assert sorted(order) == list(range(len(lengths)))
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+    kinds = ["long" if lengths[b[0]] >= 90 else "short" for b in batches]
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches) / sum(lengths)
+    assert padded < 1.1  # random batches of this mix pad to 1.9x
+    assert _runs(kinds) <= 8
+    torch.manual_seed(0)
+    blocks = get_length_grouped_indices(lengths, 8)
+    assert _runs(["long" if lengths[blocks[i]] >= 90 else "short" for i in range(0, len(blocks), 8)]) >= 10
+
+
+def test_length_grouped_batches_are_seeded_per_epoch_and_keep_a_short_batch_last():
+    from safeprobe.data.sampling import LengthGroupedBatches
+    lengths = list(range(1, 31))  # 30 examples in batches of 4: seven full batches and one of 2
+    sampler = LengthGroupedBatches(lengths, 4, seed=3, pool=2)
+    first = list(sampler)
+    assert first == list(LengthGroupedBatches(lengths, 4, seed=3, pool=2))  # a resumed run: the same order
+    assert len(set(first[-2:]) & set(first[:-2])) == 0 and sorted(first) == list(range(30))
+    assert all(len({lengths[i] for i in first[k:k + 4]}) == 4 for k in range(0, 28, 4))
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(30))
+    with pytest.raises(ValueError):
+        LengthGroupedBatches(lengths, 0, seed=3)

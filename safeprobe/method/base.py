@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..data.sampling import LengthGroupedBatches
 from ..errors import TrainingDiverged
 from ..io import append_jsonl
 from . import checkpoint
@@ -56,6 +57,15 @@ class SafeprobeTrainer(Trainer):
         self.wall_time_before_s = 0.0  # a resumed run: the training time before its checkpoint
         self._started = time.time()
         self.add_callback(_FlushStepStats(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`group_by_length` batches similar lengths together in random order (see `LengthGroupedBatches`)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(example["input_ids"]) for example in dataset]
+        return LengthGroupedBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = response_loss(model, inputs)
