@@ -66,7 +66,7 @@ from .train import REPORT_TO, _help, check_run_settings, save_model, training_ar
 log = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE, ANSWERS = "align.json", ".complete", "self_answers.jsonl"
-RECIPE = 2  # bump when the data recipe or training code changes what the same settings produce: new cache keys
+RECIPE = 3  # bump when the data recipe or training code changes what the same settings produce: new cache keys
 
 # Words that make a benign instruction look sensitive (whole words, any case). Not "password" (benign-looking) and
 # not prefixes like "rob"/"explo" (robot, explore).
@@ -113,12 +113,12 @@ class AlignConfig:
                                "over-refusal of questions", "harmless-instructions")
     n_questions: int = _help("number of benign questions, users' practical questions first", 240)
     max_new_tokens: int = _help("longest self-answer in tokens (greedy)", 64)
-    gen_batch_size: int = _help("prompts per generation batch", 32)
+    gen_batch_size: int = _help("prompts per generation batch (larger batches use two cores better)", 128)
     harmful_data: str = _help("Booster: (prompt, safe, harmful) pairs whose harmful answers define h; training "
                               "side only", "pku-saferlhf-pairs")
     n_harmful: int = _help("Booster: number of harmful (prompt, answer) examples", 320)
     seed: int = _help("seed of everything (data samples, order, dropout)", 42)
-    max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", 120)
+    max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", 84)
     epochs: float = _help("epochs over the alignment data when max_steps is -1", 1.0)
     lr: float = _help("learning rate", 5e-5)
     lora_r: int = _help("LoRA rank on every linear layer, merged into the weights after training (0: full "
