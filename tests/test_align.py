@@ -279,3 +279,23 @@ def test_an_interrupted_alignment_resumes_from_its_last_checkpoint(home, tmp_pat
     assert (tmp_path / "out" / ".complete").is_file() and not (tmp_path / "out" / "checkpoint-2").exists()
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(saved[name], weight) for name, weight in trained.items())  # no step more, none less
+
+
+def test_alignment_batches_come_from_the_random_order_sampler_and_each_epoch_reshuffles(tmp_path):
+    """The Trainer asks the sampler for a new order every epoch (set_epoch): two epochs, two different orders."""
+    from safeprobe.data.sampling import LengthGroupedBatches
+    from safeprobe.method import SFTTrainer
+    model, tokenizer = full_model()
+    features = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 9, 4, 8, 5, 7, 6, 2)]
+    args = TrainingArguments(str(tmp_path / "t"), per_device_train_batch_size=2, num_train_epochs=2, report_to=[],
+                             use_cpu=True, remove_unused_columns=False, save_strategy="no", logging_strategy="no",
+                             train_sampling_strategy="group_by_length", learning_rate=0.0)
+    seen = []
+    def collate(batch):
+        seen.append(sorted(len(f["input_ids"]) for f in batch))
+        return collator(tokenizer)(batch)
+    t = SFTTrainer(model=model, args=args, train_dataset=features, processing_class=tokenizer, data_collator=collate)
+    assert isinstance(t._get_train_sampler(), LengthGroupedBatches)
+    t.train()
+    assert len(seen) == 8 and all(hi - lo == 1 for lo, hi in seen)  # neighbours in length share a batch
+    assert seen[:4] != seen[4:] and sorted(seen[:4]) == sorted(seen[4:])  # same batches, another order

@@ -11,11 +11,12 @@ class LengthGroupedBatches(Sampler[int]):
     """Indices whose consecutive runs of `batch_size` hold examples of similar length, the runs in random order.
 
     Each epoch the examples are drawn into random pools of `pool` batches (transformers' mega-batch size); a pool is
-    sorted by length and cut into batches, and the batches of all pools are shuffled (a short last batch stays last, so that the DataLoader's
-    runs of `batch_size` stay aligned). transformers' LengthGroupedSampler instead keeps each sorted mega-batch of
-    up to 50 batches in order, longest first: in the alignment mix (long refusals, short self-answers) the model
-    saw a block of refusals, then a block of answers, and its refusal rate swung with where the last step fell in
-    that cycle (harmful score 6% to 37% on held-out harmful instructions between steps 84 and 120).
+    sorted by length and cut into batches, and the batches of all pools are shuffled (a short last batch stays last,
+    so that the DataLoader's runs of `batch_size` stay aligned). transformers' LengthGroupedSampler instead keeps
+    each sorted mega-batch of up to 50 batches in order, longest first: in the alignment mix (long refusals, short
+    self-answers) the model saw a block of refusals, then a block of answers, and its refusal rate swung with where
+    the last step fell in that cycle (harmful score 6% to 37% on held-out harmful instructions between steps 84 and
+    120).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, pool: int = 50):
