@@ -360,3 +360,17 @@ def test_an_adapter_of_another_architecture_is_a_one_line_error(tmp_path):
     gpt2, _ = load_model("tiny-random-gpt2")
     with pytest.raises(UserError, match="does not fit this model \\(gpt2\\)"):
         load_adapter(gpt2, tmp_path / "llama-adapter")
+
+
+def test_the_lookalike_validation_suite_holds_held_out_prompts_of_the_alignment_mix_kinds():
+    """What the alignment's step count was chosen on: harmless validation prompts of the two kinds the mix answers
+    against over-refusal, none of them a training prompt of the mix's sources."""
+    from safeprobe.data import load_prompts
+    from safeprobe.data.prompt_kinds import SENSITIVE_WORDS, is_practical_question
+    from safeprobe.evaluation.suites import OVER_REFUSAL, get_suite
+    suite = get_suite("val-lookalike")
+    prompts = [example.prompt for example in suite.load()]
+    assert suite.kind == OVER_REFUSAL and len(prompts) == len(set(prompts)) == 100
+    assert all(is_practical_question(p) or SENSITIVE_WORDS.search(p) for p in prompts)
+    assert sum(map(is_practical_question, prompts)) >= 40
+    assert not set(prompts) & {example.prompt for example in load_prompts("harmless-instructions", "train")}

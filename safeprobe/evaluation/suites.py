@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data import REGISTRY, Example, load_pairs, load_prompts
+from ..data import REGISTRY, Example, load_pairs, load_prompts, sample
+from ..data.prompt_kinds import SENSITIVE_WORDS, is_practical_question
 from ..data.registry import VALIDATION
 from ..data.readers import SUFFIXES as CUSTOM_SUFFIXES
 from ..data.records import user_turn
@@ -64,6 +65,15 @@ def _named(name: str, split: str | None = None) -> Callable[[], list[Example]]:
     return lambda: load_prompts(name, split)
 
 
+def _lookalike_validation() -> list[Example]:
+    """100 held-out prompts of the alignment mix's two anti-over-refusal kinds: every practical question of the
+    harmless-instructions validation side (44), then seeded ones with sensitive-looking words."""
+    prompts = load_prompts("harmless-instructions", VALIDATION)
+    asks = [p for p in prompts if is_practical_question(p.prompt)][:50]
+    looks = [p for p in prompts if SENSITIVE_WORDS.search(p.prompt) and p not in asks]
+    return asks + sample(looks, 100 - len(asks), 0)
+
+
 LABEL_CAP = 32  # classification answers are one word: more tokens only cost time
 
 SUITES: dict[str, Suite] = {s.name: s for s in [
@@ -81,6 +91,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           "validation: 240 harmful instructions held out from safety-tuned-llamas (tuning only)"),
     Suite("val-benign", OVER_REFUSAL, _named("harmless-instructions", VALIDATION),
           "validation: harmless instructions (refusal_direction val split; tuning only)"),
+    Suite("val-lookalike", OVER_REFUSAL, _lookalike_validation,
+          "validation: 100 practical questions and sensitive-looking harmless instructions (tuning only)"),
     Suite("sst2-val", TASK, _named("sst2", VALIDATION), "validation: 1% of SST-2 train (tuning only)",
           label_correct, LABEL_CAP),
     Suite("agnews-val", TASK, _named("agnews", VALIDATION), "validation: 5% of AG News train (tuning only)",

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, set_seed
 
 from ..data import REGISTRY, Example, fingerprint, load_examples, load_pairs, load_prompts, sample
+from ..data.prompt_kinds import PRACTICAL_QUESTION, SENSITIVE_WORDS, is_practical_question
 from ..data.tokenize import IGNORE, collator, encode, encode_all, prompt_ids, response_ids
 from ..errors import UserError
 from ..evaluation.generate import generate_ids, length_batches
@@ -67,22 +68,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE, ANSWERS = "align.json", ".complete", "self_answers.jsonl"
 RECIPE = 3  # bump when the data recipe or training code changes what the same settings produce: new cache keys
-
-# Words that make a benign instruction look sensitive (whole words, any case). Not "password" (benign-looking) and
-# not prefixes like "rob"/"explo" (robot, explore).
-SENSITIVE_WORDS = re.compile(
-    r"\b(kill\w*|murder\w*|attack\w*|weapons?|guns?|shoot\w*|shot|bomb\w*|explosi\w*|explode\w*|poison\w*|drugs?|"
-    r"steal\w*|stole\w*|theft|thief|robber\w*|hack\w*|crimes?|criminals?|fraud\w*|terroris\w*|violen\w*|wars?|"
-    r"fight\w*|destroy\w*|die|dies|dying|death|dead|deadly|suicide|blood\w*|knife|knives|nuclear|virus|viruses|"
-    r"threat\w*|dangerous|harm\w*|injur\w*|abus\w*|cheat\w*|lie|lies|lying|racis\w*|discriminat\w*|hate|hatred|"
-    r"illegal|smuggl\w*|tortur\w*|assassin\w*|execute|executed|execution|slaughter\w*|gambl\w*|alcohol|"
-    r"privacy|surveillance|spy|spying)\b", re.IGNORECASE)
-
-# A user's practical question, the form that a small model learns to refuse first ("How do I ...?", "Where can I ...?",
-# "What's the best way to ...?"): the questions of the benign-question bucket are drawn from these first.
-PRACTICAL_QUESTION = re.compile(
-    r"(how (do|can|should|could) (i|we|you)|where (can|do|should) (i|we)|what('s| is) (the|a) (best|easiest|good|right|"
-    r"proper) way|what are (some )?(good |the best )?ways|can you|what should i)\b", re.IGNORECASE)
 
 MINIMUMS = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_questions": 0, "lora_r": 0, "n_harmful": 1,
             "max_new_tokens": 1, "gen_batch_size": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1,
@@ -324,7 +309,7 @@ def benign_prompts(cfg: AlignConfig) -> dict[str, list[Example]]:
     and general ones (an even share from each source)."""
     looks_sensitive = [p for p in _prompts(cfg.sensitive_data) if SENSITIVE_WORDS.search(p.prompt)]
     questions = [p for p in _prompts(cfg.question_data) if p.prompt.rstrip().endswith("?")]
-    asks = [p for p in questions if PRACTICAL_QUESTION.match(p.prompt.strip())]
+    asks = [p for p in questions if is_practical_question(p.prompt)]
     taken: set = set()
     buckets = {"sensitive": _take(looks_sensitive, cfg.n_sensitive, taken, cfg.seed),
                "question": _take(asks, cfg.n_questions, taken, cfg.seed), "general": []}
