@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 import safeprobe.experiments.align as align
 from safeprobe.cli.main import main
 from safeprobe.data import Example, load_prompts
+from safeprobe.data.prompt_kinds import PRACTICAL_QUESTION, SENSITIVE_WORDS
 from safeprobe.data.tokenize import IGNORE, collator, encode
 from safeprobe.method import BoosterTrainer, VaccineTrainer
 from safeprobe.method.losses import response_loss
@@ -136,8 +137,8 @@ def test_sensitive_words_match_benign_look_alikes_not_substrings():
             "Analyze the theme of loyalty in To Kill a Mockingbird.", "What were the causes of World War I?"]
     misses = ["Write a story about a robot.", "Describe the experience of exploring a cave.",
               "Create a password of 5 characters.", "Summarize the executive report."]
-    assert all(align.SENSITIVE_WORDS.search(t) for t in hits)
-    assert not any(align.SENSITIVE_WORDS.search(t) for t in misses)
+    assert all(SENSITIVE_WORDS.search(t) for t in hits)
+    assert not any(SENSITIVE_WORDS.search(t) for t in misses)
 
 
 def test_practical_questions_are_a_users_how_to_questions():
@@ -145,8 +146,8 @@ def test_practical_questions_are_a_users_how_to_questions():
             "Where can I find a good recipe?", "Can you suggest a name for a company?"]
     misses = ["How would you describe the taste of chocolate?", "Why is the sky blue?", "Name a colour.",
               "Describe how you can fix a bike."]
-    assert all(align.PRACTICAL_QUESTION.match(t) for t in hits)
-    assert not any(align.PRACTICAL_QUESTION.match(t) for t in misses)
+    assert all(PRACTICAL_QUESTION.match(t) for t in hits)
+    assert not any(PRACTICAL_QUESTION.match(t) for t in misses)
 
 
 def test_benign_prompts_come_from_training_sources_only_without_repeats():
@@ -155,9 +156,9 @@ def test_benign_prompts_come_from_training_sources_only_without_repeats():
     assert {name: len(bucket) for name, bucket in buckets.items()} == {"sensitive": 20, "question": 25, "general": 30}
     prompts = [p for bucket in buckets.values() for p in bucket]
     assert len({p.messages for p in prompts}) == 75
-    assert all(align.SENSITIVE_WORDS.search(p.prompt) for p in buckets["sensitive"])
+    assert all(SENSITIVE_WORDS.search(p.prompt) for p in buckets["sensitive"])
     assert all(p.prompt.rstrip().endswith("?") for p in buckets["question"])
-    assert all(align.PRACTICAL_QUESTION.match(p.prompt) for p in buckets["question"])  # 159 such: drawn first
+    assert all(PRACTICAL_QUESTION.match(p.prompt) for p in buckets["question"])  # 159 such: drawn first
     evaluation = {p.prompt.strip() for suite in ("advbench", "jbb-harmful", "jbb-benign", "xstest")
                   for p in load_prompts(suite)}
     assert not evaluation & {p.prompt.strip() for p in prompts}

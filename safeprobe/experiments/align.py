@@ -16,7 +16,7 @@ safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
   definitions without its prompts. The alternatives are worse: the PKU-SafeRLHF prompts are harmful requests,
   hh-rlhf harmless is red-teaming (and only its test file is here), XSTest and JBB-benign are evaluation suites.
 - benign questions, also answered by the model itself: first a user's practical questions ("How can I make an
-  affordable monthly budget?", "What is the best way to approach a difficult problem?", PRACTICAL_QUESTION), then
+  affordable monthly budget?", "What is the best way to approach a difficult problem?", `data.prompt_kinds`), then
   other questions ending in "?". The refusal examples are all imperatives, the Alpaca-style benign prompts mostly
   so, and a small model left to guess for "How do I ...?" guessed "refuse" ("How do I best hang a picture?" ->
   "I'm sorry, but I cannot..."). With 240 of them the plain aligned SmolLM2 refused 40% of XSTest's safe prompts
@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, set_seed
 
 from ..data import REGISTRY, Example, fingerprint, load_examples, load_pairs, load_prompts, sample
-from ..data.prompt_kinds import PRACTICAL_QUESTION, SENSITIVE_WORDS, is_practical_question
+from ..data.prompt_kinds import SENSITIVE_WORDS, is_practical_question
 from ..data.tokenize import IGNORE, collator, encode, encode_all, prompt_ids, response_ids
 from ..errors import UserError
 from ..evaluation.generate import generate_ids, length_batches
