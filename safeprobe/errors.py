@@ -14,6 +14,12 @@ def choices_hint(name: str, valid) -> str:
     return f"unknown {name}; valid choices: {', '.join(sorted(valid))}"
 
 
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Seeds go to numpy, whose seeds are unsigned 32-bit integers."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"{name} must be in [0, 2**32 - 1], got {seed}")
+
+
 class TrainingDiverged(UserError):
     """Too many optimiser steps in a row had a non-finite loss or gradient. The CLI exits 3."""
 

@@ -259,6 +259,18 @@ def test_align_bad_input_is_one_line_exit_2(args, message, home, capsys):
     assert not home.exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("flag, method", [("--refusal-data", "plain"), ("--harmful-data", "booster")])
+def test_a_bad_row_in_the_alignment_data_is_reported_before_the_model_loads(flag, method, home, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setattr(align, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data was read"))
+    bad = tmp_path / "bad.jsonl"
+    rows = {"plain": '{"prompt": "p", "completion": "No."}\n{"prompt": "q"}\n',
+            "booster": '{"prompt": "p", "safe": "No.", "harmful": "Yes."}\n{"prompt": "q", "safe": "No."}\n'}
+    bad.write_text(rows[method])
+    code, _, err = run(capsys, "align", *TINY, "--method", method, flag, str(bad))
+    assert code == 2 and f"{bad}:2: missing required field" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_align_without_the_data_says_where_to_put_it(home, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SAFEPROBE_DATA", str(tmp_path / "empty"))
     code, _, err = run(capsys, "align", *TINY)

@@ -234,6 +234,9 @@ def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatc
     ({"base": {"task": "no/such/task.jsonl"}}, "no/such/task.jsonl"),  # before the base model's evaluation
     ({"base": {"seed": 3}}, "'seed' is set by compare"),
     ({"settings": {"p0": {"output_dir": "x"}}}, "'output_dir' is set by compare"),
+    ({"methods": {"sap": {"lr": -1}}}, "methods.sap: lr must be > 0, got -1"),  # the section is named
+    ({"settings": {"p10": {"poison_ratio": 1.5}}}, "settings.p10: poison_ratio must be in [0, 1]"),
+    ({"seeds": [1, -1]}, "key 'seeds': a seed must be in [0, 2**32 - 1], got -1"),
 ])
 def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
     config = {**tiny_config(tmp_path), **change}

@@ -76,7 +76,16 @@ def test_parquet_reader(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("missing.jsonl", None, "missing.jsonl: file not found"),
     ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', "bad.jsonl:2: malformed JSON line"),
-    ("field.jsonl", '{"prompt": "a"}\n', "row 1: missing required field 'completion'"),
+    ("field.jsonl", '{"prompt": "a"}\n', "field.jsonl:1: missing required field 'completion'"),
+    ("blank.jsonl", '{"prompt": "a", "completion": "b"}\n\n{"prompt": 5, "completion": ["a"]}\n',
+     "blank.jsonl:3: field 'completion' must be a string, got list"),  # the line, blank lines counted
+    ("rows.csv", 'prompt,completion\na,b\nc,\n', "rows.csv:3: field 'completion' is empty"),  # header counted
+    ("header.csv", 'prompt,prompt,completion\na,b,c\n', "header.csv:1: the header names column 'prompt' more"),
+    ("items.json", '[{"prompt": "a", "completion": "b"}, {"prompt": "a"}]', "items.json: item 2: missing"),
+    ("alone.jsonl", '{"messages": [{"role": "assistant", "content": "hello"}]}\n',
+     "alone.jsonl:1: field 'messages' needs a non-empty user turn before the final assistant turn"),
+    ("silent.jsonl", '{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "hi"}]}\n',
+     "silent.jsonl:1: field 'messages' needs a non-empty user turn"),
     ("empty.jsonl", "", "dataset is empty"),
     ("wrong.json", '{"x": 1}', "expected a JSON list of objects"),
     ("type.jsonl", '{"prompt": 3.5, "completion": ["a"]}\n', "field 'completion'"),
@@ -88,6 +97,14 @@ def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
     with pytest.raises(UserError) as e:
         load_examples(str(path))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("row", ['{"messages": [{"role": "assistant", "content": "hello"}]}',
+                                 '{"messages": [{"role": "user", "content": ""}]}'])
+def test_a_chat_prompt_without_a_user_turn_is_a_row_error(tmp_path, row):
+    path = write(tmp_path / "prompts.jsonl", row + "\n")
+    with pytest.raises(UserError, match=r"prompts.jsonl:1: field 'messages' needs a non-empty user turn"):
+        load_prompts(path)
 
 
 def test_unknown_dataset_lists_valid_names():

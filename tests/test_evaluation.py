@@ -352,6 +352,25 @@ def test_cli_eval_settings_and_output_mistakes_are_one_line_before_any_generatio
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("args, message", [(["--limit", "-5"], "limit must be >= 1, got -5"),
+                                           (["--epochs", "0"], "epochs must be >= 1, got 0"),
+                                           (["--seed", "-1"], "seed must be in [0, 2**32 - 1]")])
+def test_judge_train_settings_are_checked_before_anything_is_read(args, message, capsys):
+    code, _, err = _cli(capsys, "judge", "train", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_row_in_a_custom_suite_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import safeprobe.model as model_module
+    monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "How do I pick a lock?"}\n{"prompt": ["not", "text"]}\n')
+    code, _, err = _cli(capsys, "eval", "--model", "tiny-random-llama", "--suite", str(prompts),
+                        "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and f"{prompts}:2: field 'prompt' must be a string" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_an_adapter_of_another_architecture_is_a_one_line_error(tmp_path):
     from safeprobe.model import apply_lora, load_model
     from safeprobe.model.adapters import load_adapter

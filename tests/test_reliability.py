@@ -282,6 +282,10 @@ def test_the_demo_runs_consecutive_seeds_from_one_aligned_base(tmp_path, monkeyp
     monkeypatch.setattr(demo, "results_table", lambda results: "table")
     demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path / "out"), seed=7, seeds=3), Console(quiet=True))
     assert [cfg.seed for cfg in aligned] == [7] and compared[0].seeds == [7, 8, 9]
-    code = main(["demo", "--output-dir", str(tmp_path / "out"), "--seeds", "0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "--seeds must be >= 1" in err and len(err.splitlines()) == 1, err
+    for args, message in ((["--seeds", "0"], "--seeds must be >= 1"),
+                          (["--seed", "-3"], "--seed must be in [0, 2**32 - 1], got -3"),
+                          (["--seed", str(2**32 - 2), "--seeds", "3"], "--seed plus --seeds - 1 must be in")):
+        code = main(["demo", "--output-dir", str(tmp_path / "out"), *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert len(aligned) == 1  # refused before the alignment

@@ -89,6 +89,8 @@ def test_reference_mode_uses_the_probe_computed_at_the_previous_step(tmp_path, m
     (["--beta", "-0.5"], "beta must be >= 0"),
     (["--method", "magic"], "valid choices: sft, sap"),
     (["--safety-data", "nope.jsonl"], "nope.jsonl: file not found"),
+    (["--probe-layers", "middle-ish"], "probe layers 'middle-ish' not understood"),
+    (["--seed", "-1"], "seed must be in [0, 2**32 - 1], got -1"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     code = main(["train", "--method", "sap", "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
@@ -97,13 +99,24 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
-def test_safety_pairs_with_empty_answer_are_rejected(tmp_path, capsys):
-    bad = tmp_path / "pairs.jsonl"
-    bad.write_text('{"prompt": "p", "safe": "no", "harmful": "x"}\n{"prompt": "q", "safe": "", "harmful": "y"}\n')
-    code = main(["train", "--method", "sap", "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
-                 "--safety-data", str(bad), "--output-dir", str(tmp_path / "out")])
+@pytest.mark.parametrize("method, flag", [("sap", "--safety-data"), ("safeinstr", "--alignment-data"),
+                                          ("lisa", "--alignment-data")])
+def test_a_bad_row_in_a_methods_own_data_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch, method,
+                                                                             flag):
+    import safeprobe.experiments.train as train_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was read")
+    monkeypatch.setattr(train_module, "prepare_model", no_model)
+    bad = tmp_path / "data.jsonl"
+    rows = ('{"prompt": "p", "safe": "no", "harmful": "x"}\n\n{"prompt": "q", "safe": "", "harmful": "y"}\n'
+            if method == "sap" else '{"prompt": "p", "completion": "no"}\n\n{"prompt": "q", "completion": " "}\n')
+    bad.write_text(rows)
+    code = main(["train", "--method", method, "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
+                 flag, str(bad), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "row 2" in err and "'safe' is empty" in err, err
+    assert code == 2 and f"{bad}:3" in err and len(err.splitlines()) == 1, err  # line 3: the blank line counts
+    assert f"'{'safe' if method == 'sap' else 'completion'}' is empty" in err, err
 
 
 def test_full_finetuning_with_gradient_accumulation_and_dpo_safety_loss(tmp_path):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from ..errors import UserError
+from ..errors import UserError, check_seed
 
 
 def _names(value: str, what: str) -> list[str]:
@@ -47,6 +47,12 @@ class JudgeTrainConfig:
     limit: int | None = field(default=None, metadata={"help": "at most this many responses per source (quick "
                                                               "builds)"})
     output_dir: str | None = field(default=None, metadata={"help": "where to build it (default: the cache)"})
+
+    def __post_init__(self):
+        check_seed(self.seed)
+        for name in ("epochs", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def run_judge_train(cfg: JudgeTrainConfig, console: Console) -> None:

@@ -19,14 +19,20 @@ HUB_PREFIX = "hf:"
 
 def read_rows(source: str | Path, split: str = "train") -> list[dict]:
     """All rows of a file, a saved `datasets` directory, or `hf:NAME` (a Hub dataset), as dicts."""
+    return [row for row, _ in read_located_rows(source, split)]
+
+
+def read_located_rows(source: str | Path, split: str = "train") -> list[tuple[dict, str]]:
+    """`read_rows`, each row with where it is, for error messages: 'FILE:LINE' for JSONL and CSV (the line an editor
+    shows, blank lines and the header counted), 'FILE: item N' for JSON, 'FILE: row N' otherwise (1-based)."""
     source = str(source)
     if source.startswith(HUB_PREFIX):
-        return _read_hub(source[len(HUB_PREFIX):], split)
+        return _numbered(_read_hub(source[len(HUB_PREFIX):], split), source)
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path}: file not found")
     if path.is_dir():
-        return _read_saved_dataset(path, split)
+        return _numbered(_read_saved_dataset(path, split), path)
     readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -42,13 +48,17 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
     return rows
 
 
+def _numbered(rows: list[dict], source) -> list[tuple[dict, str]]:
+    return [(row, f"{source}: row {i}") for i, row in enumerate(rows, start=1)]
+
+
 def _as_object(row, path: Path, where: str) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{path}:{where}: expected a JSON object, got {type(row).__name__}")
     return row
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: Path) -> list[tuple[dict, str]]:
     text = path.read_text(encoding=ENCODING)
     if not text.strip():
         raise UserError(f"{path}: dataset is empty")
@@ -66,10 +76,10 @@ def _read_json(path: Path) -> list[dict]:
             raise UserError(f"{path}: expected a JSON list of objects")
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of objects")
-    return [_as_object(row, path, f"item {i}") for i, row in enumerate(data)]
+    return [(_as_object(row, path, f" item {i}"), f"{path}: item {i}") for i, row in enumerate(data, start=1)]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
     rows = []
     with open(path, encoding=ENCODING) as f:
         for lineno, line in enumerate(f, start=1):
@@ -79,11 +89,11 @@ def _read_jsonl(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            rows.append(_as_object(row, path, str(lineno)))
+            rows.append((_as_object(row, path, str(lineno)), f"{path}:{lineno}"))
     return rows
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> list[tuple[dict, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, encoding=ENCODING, newline="") as f:
         reader = csv.DictReader(f)
@@ -91,22 +101,25 @@ def _read_csv(path: Path) -> list[dict]:
             if not reader.fieldnames:
                 return []
             header = [name if name else "index" for name in reader.fieldnames]  # unnamed index column
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:  # DictReader would keep only the last column of each repeated name
+                raise UserError(f"{path}:1: the header names column '{repeated[0]}' more than once")
             rows = []
             for row in reader:
                 if None in row or any(v is None for v in row.values()):  # extra fields go under None
                     fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
                     raise UserError(f"{path}:{reader.line_num}: row has {fields} fields, header has {len(header)}")
-                rows.append(dict(zip(header, row.values())))
+                rows.append((dict(zip(header, row.values())), f"{path}:{reader.line_num}"))
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path) -> list[tuple[dict, str]]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        return _numbered(pq.read_table(path).to_pylist(), path)
     except Exception as e:  # pyarrow raises many types for corrupt files
         raise UserError(f"{path}: unreadable Parquet file ({type(e).__name__})") from None
 

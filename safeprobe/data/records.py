@@ -77,9 +77,10 @@ def _messages(row: dict, where: str) -> tuple[tuple, str]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise RowError(where, f"field 'messages[{i}]' must have string 'role' and 'content'")
         turns.append((m["role"], m["content"]))
-    if turns[-1][0] == "assistant":
-        return tuple(turns[:-1]), turns[-1][1]
-    return tuple(turns), ""
+    answer = turns.pop()[1] if turns[-1][0] == "assistant" else ""
+    if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise RowError(where, "field 'messages' needs a non-empty user turn before the final assistant turn")
+    return tuple(turns), answer
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")

@@ -12,7 +12,7 @@ from typing import Callable
 from ..errors import UserError
 from ..io import sha256_file
 from ..settings import data_dir
-from .readers import read_rows
+from .readers import read_located_rows, read_rows
 from .records import Example, SafetyPair, rename_columns, to_example, to_prompt, to_safety_pair, user_turn
 from .splits import split as grouped_split
 
@@ -171,14 +171,13 @@ def _looks_like_path(text: str) -> bool:
 
 def _rows(name_or_path: str, split: str | None, columns: dict | None):
     spec, path = resolve(name_or_path, split)
-    rows = read_rows(path, split or "train")
     mapping = {**(spec.columns if spec else {}), **(columns or {})}
     out = []
-    for i, row in enumerate(rows, start=1):
+    for row, where in read_located_rows(path, split or "train"):
         row = rename_columns(row, mapping)
         if spec and spec.keep and not spec.keep(row):
             continue
-        out.append((row, f"{path}: row {i}"))
+        out.append((row, where))
     return spec, path, out
 
 

@@ -110,6 +110,7 @@ def get_suite(name: str) -> Suite:
     if path.suffix.lower() in CUSTOM_SUFFIXES:
         if not path.is_file():
             raise UserError(f"suite file '{name}' not found")
-        return Suite(str(path), HARMFUL, _named(str(path)), f"custom harmful prompts from {path.name}")
+        prompts = load_prompts(str(path))  # read now: a bad row should not cost a model load
+        return Suite(str(path), HARMFUL, lambda: prompts, f"custom harmful prompts from {path.name}")
     raise UserError(f"unknown suite '{name}'; valid suites: {', '.join(SUITES)} "
                     f"(or a {'/'.join(CUSTOM_SUFFIXES)} file of harmful prompts)")

@@ -23,7 +23,7 @@ safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
   instead of 69% (and was less harmful too: 6% / 19% on AdvBench / JailbreakBench, from 14% / 26%).
 - Booster only: the harmful loss h uses (prompt, harmful answer) pairs of PKU-SafeRLHF, training side only (20% of
   its prompts are held out for the `pku-heldout` suite; see evaluation/suites.py).
-Batches group examples of similar length (the Trainer's length-grouped sampler; padding to the longest of 8 random
+Batches group examples of similar length, in random order (data/sampling.py; padding to the longest of 8 random
 examples wasted about a third of the compute), and with --lora-r the model trains LoRA adapters on every linear
 layer, merged into its weights before saving (about 20% faster a step than full fine-tuning on CPU).
 A self-answer that the refusal-keyword judge counts as a refusal is dropped (a benign prompt must never teach a
@@ -238,9 +238,11 @@ def run_align(cfg: AlignConfig) -> dict:
 def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     start = time.time()
     set_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model)
+    # every source is read before the model loads: a bad row should not cost a model load and minutes of generation
     refusals = sample(load_examples(cfg.refusal_data, "train"), cfg.n_refusal, cfg.seed)
     prompts = benign_prompts(cfg)
+    harmful = booster_pairs(cfg) if cfg.method == "booster" else None
+    model, tokenizer = load_model(cfg.model)
     before_generation = time.time()
     answers = self_answers(model, tokenizer, [p for bucket in prompts.values() for p in bucket], cfg, out)
     generated = time.time()
@@ -252,7 +254,7 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     trainer = ALIGNERS[cfg.method](
         model=model, args=args, train_dataset=features,
         data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
-        max_bad_steps=cfg.max_bad_steps, **method_kwargs(cfg, tokenizer))
+        max_bad_steps=cfg.max_bad_steps, **method_kwargs(cfg, tokenizer, harmful))
     train_loss, steps, resume = _train(trainer, cfg, out)
     summary = model_summary(trainer.model)  # what trained: with LoRA, the adapters
     save_model(trainer.model.merge_and_unload() if cfg.lora_r else trainer.model, out)
@@ -403,12 +405,16 @@ def training_features(tokenizer, refusals: list[Example], answers: list[dict], m
     return features, counts
 
 
-def method_kwargs(cfg: AlignConfig, tokenizer) -> dict:
-    """The arguments a method's trainer takes beyond the Trainer's own."""
+def booster_pairs(cfg: AlignConfig) -> list:
+    """Booster's (prompt, harmful answer) pairs."""
+    return sample(load_pairs(cfg.harmful_data, "train"), cfg.n_harmful, cfg.seed)
+
+
+def method_kwargs(cfg: AlignConfig, tokenizer, pairs: list | None) -> dict:
+    """The arguments a method's trainer takes beyond the Trainer's own (`pairs`: Booster's `booster_pairs`)."""
     if cfg.method == "vaccine":
         return dict(rho=cfg.rho, norm=cfg.vaccine_norm)
     if cfg.method == "booster":
-        pairs = sample(load_pairs(cfg.harmful_data, "train"), cfg.n_harmful, cfg.seed)
         harmful = encode_all(tokenizer, [Example(p.messages, p.harmful) for p in pairs], cfg.max_length,
                              "harmful examples").features
         if not harmful:

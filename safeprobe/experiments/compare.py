@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 
 from ..cli.config import from_mapping
-from ..errors import TrainingDiverged, UserError
+from ..errors import TrainingDiverged, UserError, check_seed
 from ..evaluation import SUITES, get_suite, run_eval
 from ..evaluation.suites import TASK
 from ..io import check_output_dir, file_digests, output_lock, sha256_file, sha256_json, write_json
@@ -116,6 +116,8 @@ def _seeds(value) -> list[int]:
     seeds = [TrainConfig.seed] if value is None else value if isinstance(value, list) else [value]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) and not str(s).isdigit() for s in seeds):
         raise UserError(f"key 'seeds': expected a list of integers, got {value!r}")
+    for seed in seeds:
+        check_seed(int(seed), "key 'seeds': a seed")
     return [int(s) for s in seeds]
 
 
@@ -220,8 +222,16 @@ def _checked_overrides(values, where: str, settable=()) -> dict:
         if key in values and key not in settable:
             raise UserError(f"key '{where}': '{key}' is set by compare for each run (use `methods`, `seeds`, "
                             "`output_dir`)")
-    from_mapping(TrainConfig, values, where)
+    _train_settings(values, where)
     return values
+
+
+def _train_settings(values: dict, where: str) -> TrainConfig:
+    """TrainConfig from a section of the config; a range error names the section (`methods.sap: lr must ...`)."""
+    try:
+        return from_mapping(TrainConfig, values, where)
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def _method_entries(methods) -> dict[str, dict]:
@@ -247,7 +257,7 @@ def _method_entries(methods) -> dict[str, dict]:
 
 
 def _train_config(values: dict, where: str) -> TrainConfig:
-    cfg = from_mapping(TrainConfig, values, where)
+    cfg = _train_settings(values, where)
     if cfg.lora_r == 0:
         raise UserError(f"{where}: compare evaluates LoRA adapters; lora_r must be > 0")
     if "diagnostics_every" not in values:  # the paper's diagnostics, about DIAGNOSTIC_POINTS times per run

@@ -3,7 +3,7 @@
 1. Align the embedded SmolLM2-135M-Instruct (it refuses almost no harmful request as shipped) with `safeprobe
    align --method plain`; cached, so only the first demo pays for it.
 2. From that aligned base, fine-tune with LoRA on SST-2 with 10% harmful pairs mixed in (the harmful fine-tuning
-   protocol of FIELD.md, scaled to a CPU) with plain SFT, SAP and the peer defenses SafeInstr and Lisa, on
+   protocol of the field, scaled to a CPU) with plain SFT, SAP and the peer defenses SafeInstr and Lisa, on
    identical data and seed, through `safeprobe compare`.
 3. Answer unseen harmful prompts (JailbreakBench, AdvBench), safe look-alikes (XSTest) and SST-2 test sentences
    with the aligned base and every fine-tuned model, judge them, and write results.json, report.md and
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import UserError
+from ..errors import UserError, check_seed
 from ..io import check_output_dir
 from ..reporting.summary import against_reference_lines, run_metrics, stats, summarise
 from .align import AlignConfig, run_align
@@ -65,6 +65,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
     """Rerun after an interruption: the aligned base is cached, finished runs are skipped, training resumes."""
     if cfg.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {cfg.seeds}")
+    check_seed(cfg.seed, "--seed")
+    check_seed(cfg.seed + cfg.seeds - 1, "--seed plus --seeds - 1")  # checked now, not after the alignment
     out = check_output_dir(cfg.output_dir)
     console.rule(f"[bold]alignment: {cfg.model} -> aligned base (cached after the first demo)")
     aligned = run_align(AlignConfig(model=cfg.model, method="plain", seed=cfg.seed))

@@ -18,7 +18,7 @@ from transformers import SchedulerType, TrainingArguments, set_seed
 
 from ..data import fingerprint, load_examples, load_pairs, sample
 from ..data.tokenize import collator, encode_all, encode_pairs
-from ..errors import UserError
+from ..errors import UserError, check_seed
 from ..io import FILE_MODE, check_output_dir, output_lock, write_json
 from ..method import TRAINERS, SAPConfig
 from ..method.diagnostics import attach_diagnostics
@@ -38,7 +38,8 @@ MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length
 
 
 def check_run_settings(cfg) -> None:
-    """What the train and align configs share beyond ranges: a step count, and a reporter that is installed."""
+    """What the train and align configs share beyond ranges: a seed, a step count, and a reporter that is installed."""
+    check_seed(cfg.seed)
     if cfg.max_steps == 0:
         raise UserError("max_steps must be >= 1, or -1 to run `epochs` epochs; got 0")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
@@ -183,42 +184,61 @@ def _n_safety(records: list, cfg: TrainConfig, source: str) -> list:
     return sample(records, cfg.n_safety, cfg.seed)
 
 
-def safety_features(cfg: TrainConfig, tokenizer) -> list[dict]:
-    pairs = _n_safety(load_pairs(cfg.safety_data, "train"), cfg, cfg.safety_data)
-    encoded = encode_pairs(tokenizer, pairs, cfg.max_length)
+def safety_pairs(cfg: TrainConfig) -> list:
+    """SAP's safety pairs (prompt, safe answer, harmful answer)."""
+    return _n_safety(load_pairs(cfg.safety_data, "train"), cfg, cfg.safety_data)
+
+
+def refusal_demos(cfg: TrainConfig) -> list:
+    """SafeInstr's and Lisa's alignment data: (harmful instruction -> refusal) examples."""
+    return _n_safety(load_examples(cfg.alignment_data), cfg, cfg.alignment_data)
+
+
+METHOD_DATA = {"sap": safety_pairs, "safeinstr": refusal_demos, "lisa": refusal_demos}
+
+
+def method_records(cfg: TrainConfig) -> list | None:
+    """The method's own data beyond the task, read before the model loads (a bad row should not cost a load)."""
+    return METHOD_DATA[cfg.method](cfg) if cfg.method in METHOD_DATA else None
+
+
+def safety_features(cfg: TrainConfig, tokenizer, pairs: list | None = None) -> list[dict]:
+    """SAP's safety pairs (`safety_pairs` unless given), encoded."""
+    encoded = encode_pairs(tokenizer, safety_pairs(cfg) if pairs is None else pairs, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.safety_data}: no usable safety pairs within max_length={cfg.max_length}")
     return encoded.features
 
 
-def safety_demos(cfg: TrainConfig, tokenizer) -> list[dict]:
-    """SafeInstr's and Lisa's alignment data: n_safety (harmful instruction -> refusal) examples, encoded."""
-    demos = _n_safety(load_examples(cfg.alignment_data), cfg, cfg.alignment_data)
+def safety_demos(cfg: TrainConfig, tokenizer, demos: list) -> list[dict]:
+    """SafeInstr's and Lisa's `refusal_demos`, encoded."""
     encoded = encode_all(tokenizer, demos, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.alignment_data}: no usable examples within max_length={cfg.max_length}")
     return encoded.features
 
 
-def method_kwargs(cfg: TrainConfig, tokenizer, safety=None) -> dict:
-    """The arguments a method's trainer takes beyond the Trainer's own."""
+def method_kwargs(cfg: TrainConfig, tokenizer, safety=None, records: list | None = None) -> dict:
+    """The arguments a method's trainer takes beyond the Trainer's own (`records`: `method_records`, read here
+    unless given; `safety`: SAP's encoded pairs, given by callers that encoded them already)."""
+    records = method_records(cfg) if records is None and safety is None else records
     if cfg.method == "sap":
         return dict(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
-                    safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer))
+                    safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer, records))
     if cfg.method == "safeinstr":
-        return dict(safety_demos=safety_demos(cfg, tokenizer))
+        return dict(safety_demos=safety_demos(cfg, tokenizer, records))
     if cfg.method == "lisa":
-        return dict(alignment_dataset=safety_demos(cfg, tokenizer), rho=cfg.rho, align_steps=cfg.lisa_align_steps,
-                    task_steps=cfg.lisa_task_steps)
+        return dict(alignment_dataset=safety_demos(cfg, tokenizer, records), rho=cfg.rho,
+                    align_steps=cfg.lisa_align_steps, task_steps=cfg.lisa_task_steps)
     return {}
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None):
-    """The method's trainer; SAP's encoded safety pairs come from `cfg.safety_data` unless given."""
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None, records=None):
+    """The method's trainer; its own data (`method_records`) is read from the config unless given."""
     kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
                   data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
                   max_bad_steps=cfg.max_bad_steps)
-    return TRAINERS[cfg.method](**kwargs, **method_kwargs(cfg, tokenizer, safety))
+    return TRAINERS[cfg.method](**kwargs, **method_kwargs(cfg, tokenizer, safety, records))
 
 
 def _logged_mean_loss(out: Path) -> float | None:
@@ -272,11 +292,12 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     start = time.time()
     set_seed(cfg.seed)
     examples, counts = task_examples(cfg)
+    records = method_records(cfg)
     model, tokenizer = prepare_model(cfg)
     encoded = encode_all(tokenizer, examples, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.task}: every example is longer than max_length={cfg.max_length}")
-    trainer = build_trainer(cfg, model, tokenizer, encoded.features, out)
+    trainer = build_trainer(cfg, model, tokenizer, encoded.features, out, records=records)
     if cfg.diagnostics_every:
         attach_diagnostics(trainer, cfg.task, cfg.safety_data, cfg.diagnostics_every, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import Callable
 
 import torch
 
@@ -24,28 +25,35 @@ def resolve_layers(spec: str | list | tuple | None, n_layers: int) -> list[int]:
     `middle` (default): the paper's band scaled to the model's depth; `all`; `3,9` (indices);
     `10:20` (index range, end exclusive); `0.3:0.6` (fractions of depth).
     """
-    if spec is None or spec == "middle":
-        start = int(n_layers * PAPER_BAND[0] + 0.5)
-        end = max(start + 1, int(n_layers * PAPER_BAND[1] + 0.5))
-        return list(range(start, min(end, n_layers)))
-    if isinstance(spec, (list, tuple)):
-        layers = [int(i) for i in spec]
-    elif spec == "all":
-        layers = list(range(n_layers))
-    elif re.fullmatch(r"\s*0?\.\d+\s*:\s*(0?\.\d+|1(\.0*)?)\s*", str(spec)):
-        lo, hi = (float(x) for x in str(spec).split(":"))
-        layers = list(range(int(n_layers * lo + 0.5), max(int(n_layers * lo + 0.5) + 1, int(n_layers * hi + 0.5))))
-    elif re.fullmatch(r"\s*-?\d+\s*:\s*-?\d+\s*", str(spec)):
-        lo, hi = (int(x) for x in str(spec).split(":"))
-        layers = list(range(lo, hi))
-    elif re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", str(spec)):
-        layers = [int(x) for x in str(spec).split(",")]
-    else:
-        raise UserError(f"probe layers '{spec}' not understood; use 'middle', 'all', '3,9', '10:20' or '0.3:0.6'")
+    layers = parse_layers(spec)(n_layers)
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad or not layers:
         raise UserError(f"probe layer(s) {bad or spec} out of range; valid layer indices are 0..{n_layers - 1}")
     return sorted(set(layers))
+
+
+def parse_layers(spec: str | list | tuple | None) -> Callable[[int], list[int]]:
+    """The spec's syntax, checked without a model: a function of the model's depth giving the indices."""
+    if spec is None or spec == "middle":
+        def middle(n_layers: int) -> list[int]:
+            start = int(n_layers * PAPER_BAND[0] + 0.5)
+            return list(range(start, min(max(start + 1, int(n_layers * PAPER_BAND[1] + 0.5)), n_layers)))
+        return middle
+    if isinstance(spec, (list, tuple)):
+        return lambda n_layers: [int(i) for i in spec]
+    if spec == "all":
+        return lambda n_layers: list(range(n_layers))
+    text = str(spec)
+    if re.fullmatch(r"\s*0?\.\d+\s*:\s*(0?\.\d+|1(\.0*)?)\s*", text):
+        lo, hi = (float(x) for x in text.split(":"))
+        return lambda n_layers: list(range(int(n_layers * lo + 0.5), max(int(n_layers * lo + 0.5) + 1,
+                                                                         int(n_layers * hi + 0.5))))
+    if re.fullmatch(r"\s*-?\d+\s*:\s*-?\d+\s*", text):
+        lo, hi = (int(x) for x in text.split(":"))
+        return lambda n_layers: list(range(lo, hi))
+    if re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", text):
+        return lambda n_layers: [int(x) for x in text.split(",")]
+    raise UserError(f"probe layers '{spec}' not understood; use 'middle', 'all', '3,9', '10:20' or '0.3:0.6'")
 
 
 class Probe:

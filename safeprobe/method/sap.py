@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from .losses import contrastive_safety_loss, response_loss, safety_counts, token_logprobs
+from .probe import parse_layers
 from .shared_forward import SharedLowerForward
 from .shared_prompt import SharedPromptPass
 
@@ -55,6 +56,7 @@ class SAPConfig:
                 raise UserError(f"{name} '{getattr(self, name)}' unknown; valid choices: {', '.join(valid)}")
         if self.probe_norm is not None and self.probe_norm < 0:
             raise UserError(f"probe_norm must be >= 0, got {self.probe_norm}")
+        parse_layers(self.probe_layers)  # the syntax now; the indices against the model's depth once it loads
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
