@@ -237,6 +237,7 @@ def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatc
     ({"methods": {"sap": {"lr": -1}}}, "methods.sap: lr must be > 0, got -1"),  # the section is named
     ({"settings": {"p10": {"poison_ratio": 1.5}}}, "settings.p10: poison_ratio must be in [0, 1]"),
     ({"seeds": [1, -1]}, "key 'seeds': a seed must be in [0, 2**32 - 1], got -1"),
+    ({"sweep": {"sap": {"beta": [0.5], "seeds": [-2]}}}, "key 'sweep.sap.seeds': a seed must be in"),
 ])
 def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
     config = {**tiny_config(tmp_path), **change}
@@ -244,6 +245,20 @@ def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("safeprobe: error:") and message in err, err
     assert not (tmp_path / "out").exists()  # nothing was trained or written
+
+
+@pytest.mark.parametrize("key", ["safety_data", "task"])
+def test_a_bad_row_in_any_runs_data_is_an_error_before_anything_is_evaluated(tmp_path, capsys, key):
+    config = tiny_config(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    rows = {"safety_data": '{"prompt": "p", "safe": "No.", "harmful": "Yes."}\n{"prompt": "q", "safe": "No."}\n',
+            "task": '{"prompt": "p", "completion": "ok"}\n{"prompt": "q"}\n'}
+    bad.write_text(rows[key])
+    config["base"][key] = str(bad)
+    assert run_cli(tmp_path, config) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}:2: missing required field" in err and err.count("\n") == 0, err
+    assert not (tmp_path / "out").exists()  # the base model was not evaluated, nothing was written
 
 
 def test_cosine_of_a_gradient_with_itself_is_one():

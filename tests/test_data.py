@@ -81,11 +81,12 @@ def test_parquet_reader(tmp_path):
      "blank.jsonl:3: field 'completion' must be a string, got list"),  # the line, blank lines counted
     ("rows.csv", 'prompt,completion\na,b\nc,\n', "rows.csv:3: field 'completion' is empty"),  # header counted
     ("header.csv", 'prompt,prompt,completion\na,b,c\n', "header.csv:1: the header names column 'prompt' more"),
+    ("unnamed.csv", ',,prompt,completion\n1,2,a,b\n', "unnamed.csv:1: the header names an unnamed column more"),
     ("items.json", '[{"prompt": "a", "completion": "b"}, {"prompt": "a"}]', "items.json: item 2: missing"),
     ("alone.jsonl", '{"messages": [{"role": "assistant", "content": "hello"}]}\n',
-     "alone.jsonl:1: field 'messages' needs a non-empty user turn before the final assistant turn"),
+     "alone.jsonl:1: field 'messages' must end with a non-empty user turn"),
     ("silent.jsonl", '{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "hi"}]}\n',
-     "silent.jsonl:1: field 'messages' needs a non-empty user turn"),
+     "silent.jsonl:1: field 'messages' must end with a non-empty user turn"),
     ("empty.jsonl", "", "dataset is empty"),
     ("wrong.json", '{"x": 1}', "expected a JSON list of objects"),
     ("type.jsonl", '{"prompt": 3.5, "completion": ["a"]}\n', "field 'completion'"),
@@ -103,7 +104,7 @@ def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
                                  '{"messages": [{"role": "user", "content": ""}]}'])
 def test_a_chat_prompt_without_a_user_turn_is_a_row_error(tmp_path, row):
     path = write(tmp_path / "prompts.jsonl", row + "\n")
-    with pytest.raises(UserError, match=r"prompts.jsonl:1: field 'messages' needs a non-empty user turn"):
+    with pytest.raises(UserError, match=r"prompts.jsonl:1: field 'messages' must end with a non-empty user turn"):
         load_prompts(path)
 
 

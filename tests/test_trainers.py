@@ -62,6 +62,12 @@ def test_probe_layer_specs():
     assert resolve_layers("10:12", 30) == [10, 11]
     assert resolve_layers("all", 4) == [0, 1, 2, 3]
     assert resolve_layers("0.5:1.0", 4) == [2, 3]
+    assert resolve_layers((3, "1"), 4) == [1, 3]  # the Python API takes a list
+    from safeprobe.errors import UserError
+    from safeprobe.method.probe import parse_layers
+    for bad in ("middle-ish", "1:x", ["x", 2]):  # refused by their syntax, before any model exists
+        with pytest.raises(UserError, match="not understood"):
+            parse_layers(bad)
 
 
 def test_reference_mode_uses_the_probe_computed_at_the_previous_step(tmp_path, monkeypatch):

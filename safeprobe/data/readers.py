@@ -24,7 +24,8 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
 
 def read_located_rows(source: str | Path, split: str = "train") -> list[tuple[dict, str]]:
     """`read_rows`, each row with where it is, for error messages: 'FILE:LINE' for JSONL and CSV (the line an editor
-    shows, blank lines and the header counted), 'FILE: item N' for JSON, 'FILE: row N' otherwise (1-based)."""
+    shows, blank lines and the header counted; a CSV row spanning lines gives its last), 'FILE: item N' for JSON,
+    'FILE: row N' otherwise (1-based)."""
     source = str(source)
     if source.startswith(HUB_PREFIX):
         return _numbered(_read_hub(source[len(HUB_PREFIX):], split), source)
@@ -100,10 +101,12 @@ def _read_csv(path: Path) -> list[tuple[dict, str]]:
         try:
             if not reader.fieldnames:
                 return []
-            header = [name if name else "index" for name in reader.fieldnames]  # unnamed index column
-            repeated = sorted({name for name in header if header.count(name) > 1})
+            names = reader.fieldnames
+            repeated = sorted({name for name in names if names.count(name) > 1})
             if repeated:  # DictReader would keep only the last column of each repeated name
-                raise UserError(f"{path}:1: the header names column '{repeated[0]}' more than once")
+                column = f"column '{repeated[0]}'" if repeated[0] else "an unnamed column"
+                raise UserError(f"{path}:1: the header names {column} more than once")
+            header = [name if name else "index" for name in names]  # unnamed index column
             rows = []
             for row in reader:
                 if None in row or any(v is None for v in row.values()):  # extra fields go under None

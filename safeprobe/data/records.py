@@ -79,7 +79,7 @@ def _messages(row: dict, where: str) -> tuple[tuple, str]:
         turns.append((m["role"], m["content"]))
     answer = turns.pop()[1] if turns[-1][0] == "assistant" else ""
     if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
-        raise RowError(where, "field 'messages' needs a non-empty user turn before the final assistant turn")
+        raise RowError(where, "field 'messages' must end with a non-empty user turn, then optionally the answer")
     return tuple(turns), answer
 
 

@@ -410,11 +410,13 @@ def booster_pairs(cfg: AlignConfig) -> list:
     return sample(load_pairs(cfg.harmful_data, "train"), cfg.n_harmful, cfg.seed)
 
 
-def method_kwargs(cfg: AlignConfig, tokenizer, pairs: list | None) -> dict:
-    """The arguments a method's trainer takes beyond the Trainer's own (`pairs`: Booster's `booster_pairs`)."""
+def method_kwargs(cfg: AlignConfig, tokenizer, pairs: list | None = None) -> dict:
+    """The arguments a method's trainer takes beyond the Trainer's own (`pairs`: Booster's `booster_pairs`, read
+    here unless given)."""
     if cfg.method == "vaccine":
         return dict(rho=cfg.rho, norm=cfg.vaccine_norm)
     if cfg.method == "booster":
+        pairs = booster_pairs(cfg) if pairs is None else pairs
         harmful = encode_all(tokenizer, [Example(p.messages, p.harmful) for p in pairs], cfg.max_length,
                              "harmful examples").features
         if not harmful:

@@ -31,7 +31,7 @@ from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
 from .resume import run_stage
-from .train import TrainConfig, data_fingerprints, run_train
+from .train import TrainConfig, data_fingerprints, method_records, run_train, task_examples
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,12 @@ def _names(value) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def _seeds(value) -> list[int]:
+def _seeds(value, where: str = "seeds") -> list[int]:
     seeds = [TrainConfig.seed] if value is None else value if isinstance(value, list) else [value]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) and not str(s).isdigit() for s in seeds):
-        raise UserError(f"key 'seeds': expected a list of integers, got {value!r}")
+        raise UserError(f"key '{where}': expected a list of integers, got {value!r}")
     for seed in seeds:
-        check_seed(int(seed), "key 'seeds': a seed")
+        check_seed(int(seed), f"key '{where}': a seed")
     return [int(s) for s in seeds]
 
 
@@ -189,15 +189,22 @@ def plan(cfg: CompareConfig) -> Plan:
         values = {**base, **first_overrides, **methods[label]}
         the_plan.sweeps[label] = _sweep(the_plan, label, first_setting, values, _mapping(spec, f"sweep.{label}"),
                                         cfg.seeds[:1])
-    for run in the_plan.runs.values():
-        data_fingerprints(run.train)  # a missing dataset fails now, not after the base model's evaluation
+    read = set()
+    for run in the_plan.runs.values():  # a missing dataset or a bad row fails now, not after the base's evaluation
+        data_fingerprints(run.train)
+        cfg = run.train
+        for sources, read_data in (((cfg.task, cfg.poison_data), task_examples),
+                                   ((cfg.method, cfg.safety_data, cfg.alignment_data), method_records)):
+            if sources not in read:
+                read_data(cfg)
+                read.add(sources)
     return the_plan
 
 
 def _sweep(the_plan: Plan, label: str, setting: str, values: dict, spec: dict, default_seeds: list) -> dict:
     """knob -> points [{"value", "runs"}] sorted by value; the method's own value is a point of each line."""
     spec = dict(spec)
-    seeds = _seeds(spec.pop("seeds", default_seeds))
+    seeds = _seeds(spec.pop("seeds", default_seeds), f"sweep.{label}.seeds")
     if not spec:
         raise UserError(f"key 'sweep.{label}': name a knob and its values, e.g. {{beta: [0.01, 0.1]}}")
     lines = {}

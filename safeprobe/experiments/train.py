@@ -210,18 +210,17 @@ def safety_features(cfg: TrainConfig, tokenizer, pairs: list | None = None) -> l
     return encoded.features
 
 
-def safety_demos(cfg: TrainConfig, tokenizer, demos: list) -> list[dict]:
-    """SafeInstr's and Lisa's `refusal_demos`, encoded."""
-    encoded = encode_all(tokenizer, demos, cfg.max_length)
+def safety_demos(cfg: TrainConfig, tokenizer, demos: list | None = None) -> list[dict]:
+    """SafeInstr's and Lisa's `refusal_demos` (unless given), encoded."""
+    encoded = encode_all(tokenizer, refusal_demos(cfg) if demos is None else demos, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.alignment_data}: no usable examples within max_length={cfg.max_length}")
     return encoded.features
 
 
 def method_kwargs(cfg: TrainConfig, tokenizer, safety=None, records: list | None = None) -> dict:
-    """The arguments a method's trainer takes beyond the Trainer's own (`records`: `method_records`, read here
-    unless given; `safety`: SAP's encoded pairs, given by callers that encoded them already)."""
-    records = method_records(cfg) if records is None and safety is None else records
+    """The arguments a method's trainer takes beyond the Trainer's own. `records`: the method's `method_records`
+    (read here unless given); `safety`: SAP's pairs already encoded, from callers that encoded them."""
     if cfg.method == "sap":
         return dict(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
                     safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer, records))

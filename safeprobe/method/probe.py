@@ -40,7 +40,11 @@ def parse_layers(spec: str | list | tuple | None) -> Callable[[int], list[int]]:
             return list(range(start, min(max(start + 1, int(n_layers * PAPER_BAND[1] + 0.5)), n_layers)))
         return middle
     if isinstance(spec, (list, tuple)):
-        return lambda n_layers: [int(i) for i in spec]
+        try:
+            layers = [int(i) for i in spec]
+        except (TypeError, ValueError):
+            raise UserError(f"probe layers {list(spec)} not understood; give layer indices") from None
+        return lambda n_layers: layers
     if spec == "all":
         return lambda n_layers: list(range(n_layers))
     text = str(spec)
