@@ -191,12 +191,12 @@ def plan(cfg: CompareConfig) -> Plan:
                                         cfg.seeds[:1])
     read = set()
     for run in the_plan.runs.values():  # a missing dataset or a bad row fails now, not after the base's evaluation
-        data_fingerprints(run.train)
-        cfg = run.train
-        for sources, read_data in (((cfg.task, cfg.poison_data), task_examples),
-                                   ((cfg.method, cfg.safety_data, cfg.alignment_data), method_records)):
+        train = run.train
+        data_fingerprints(train)
+        for sources, read_data in (((train.task, train.poison_data), task_examples),
+                                   ((train.method, train.safety_data, train.alignment_data), method_records)):
             if sources not in read:
-                read_data(cfg)
+                read_data(train)
                 read.add(sources)
     return the_plan
 
