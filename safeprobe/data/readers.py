@@ -53,10 +53,10 @@ def _numbered(rows: list[dict], source) -> list[tuple[dict, str]]:
     return [(row, f"{source}: row {i}") for i, row in enumerate(rows, start=1)]
 
 
-def _as_object(row, path: Path, where: str) -> dict:
+def _located_object(row, where: str) -> tuple[dict, str]:
     if not isinstance(row, dict):
-        raise UserError(f"{path}:{where}: expected a JSON object, got {type(row).__name__}")
-    return row
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row, where
 
 
 def _read_json(path: Path) -> list[tuple[dict, str]]:
@@ -77,7 +77,7 @@ def _read_json(path: Path) -> list[tuple[dict, str]]:
             raise UserError(f"{path}: expected a JSON list of objects")
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of objects")
-    return [(_as_object(row, path, f" item {i}"), f"{path}: item {i}") for i, row in enumerate(data, start=1)]
+    return [_located_object(row, f"{path}: item {i}") for i, row in enumerate(data, start=1)]
 
 
 def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
@@ -90,7 +90,7 @@ def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            rows.append((_as_object(row, path, str(lineno)), f"{path}:{lineno}"))
+            rows.append(_located_object(row, f"{path}:{lineno}"))
     return rows
 
 
