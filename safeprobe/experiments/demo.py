@@ -44,12 +44,14 @@ TRAIN = dict(task="sst2", n=1000, poison_ratio=0.1, batch_size=8, lr=3e-4, max_l
 # sst2-val; never the evaluation suites) it has not lowered the harmful score yet (README, "Results so far").
 # The other methods ignore SAP's knobs.
 SAP = dict(probe_norm=3.0)
-FULL = dict(methods=["sft", "sap", "safeinstr", "lisa"], train=dict(max_steps=60), eval=dict(limit=50))
-# --quick fits in 8 minutes once the base is cached: fewer steps, prompts and diagnostics points, shorter answers
-# (the keyword judge sees a refusal in the first sentence)
-QUICK = dict(methods=["sft", "sap"], train=dict(max_steps=10, diagnostics_every=5),
-             eval=dict(limit=20, max_new_tokens=32))
-EVAL = dict(suites=["jbb-harmful", "advbench", "xstest-safe", "sst2"], judges=["keyword"], max_new_tokens=48,
+# The whole demo, alignment included, is meant to fit in 40 minutes on a 2-core CPU: 40 steps (320 examples, 32 of
+# them harmful) and diagnostics every 8 steps; answers of 32 tokens, since the keyword judge sees a refusal in
+# the first sentence.
+FULL = dict(methods=["sft", "sap", "safeinstr", "lisa"], train=dict(max_steps=40, diagnostics_every=8),
+            eval=dict(limit=50))
+# --quick fits in 8 minutes once the base is cached: fewer steps, prompts and diagnostics points
+QUICK = dict(methods=["sft", "sap"], train=dict(max_steps=10, diagnostics_every=5), eval=dict(limit=20))
+EVAL = dict(suites=["jbb-harmful", "advbench", "xstest-safe", "sst2"], judges=["keyword"], max_new_tokens=32,
             batch_size=25)
 
 
