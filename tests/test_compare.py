@@ -307,18 +307,20 @@ def test_shipped_compare_configs_are_valid(name):
     assert the_plan.runs and {run.train.task for run in the_plan.runs.values()} == {"sst2"}
 
 
-def test_the_sft_frontier_config_reuses_the_demos_runs():
-    """Its comment promises that, pointed at a finished demo, only its sweep trains: same settings, same folders."""
+@pytest.mark.parametrize("name,extra", [("sft-frontier.yaml", "sft-lr"), ("amortised-tradeoff.yaml", "sap_k4-")])
+def test_configs_that_extend_the_demo_reuse_its_runs(name, extra):
+    """Their comments promise that, pointed at a finished demo, only their extra runs train: same settings, same
+    folders."""
     from safeprobe.cli.config import from_mapping, read_yaml
     from safeprobe.experiments.compare import CompareConfig, plan
     from safeprobe.experiments.demo import DemoConfig, compare_config
-    path = Path(__file__).resolve().parents[1] / "configs" / "sft-frontier.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / name
     values = read_yaml(str(path))
     values["base"]["model"] = "tiny-random-llama"
-    frontier = plan(from_mapping(CompareConfig, values, str(path)))
+    extended = plan(from_mapping(CompareConfig, values, str(path)))
     demo = plan(compare_config(DemoConfig(seeds=3), "tiny-random-llama"))
-    sweep = {run.folder_name for run in frontier.runs.values()} - {run.folder_name for run in demo.runs.values()}
-    assert sweep and all(name.startswith("sft-lr") for name in sweep)
+    new = {run.folder_name for run in extended.runs.values()} - {run.folder_name for run in demo.runs.values()}
+    assert new and all(folder.startswith(extra) for folder in new)
 
 
 def test_the_demo_table_gives_mean_and_spread_over_seeds(compared):
