@@ -21,7 +21,7 @@ from safeprobe.data.tokenize import PairCollator, encode_pairs
 from safeprobe.experiments.train import TrainConfig, prepare_model
 from safeprobe.method.losses import contrastive_safety_loss
 from safeprobe.method.sap import safety_direction
-from safeprobe.method.shared_prompt import SharedPromptPass
+from safeprobe.method.shared_prompt import SharedPromptPass, layout_tokens
 
 
 def batches(tokenizer, args) -> list[dict]:
@@ -33,8 +33,7 @@ def batches(tokenizer, args) -> list[dict]:
 
 
 def tokens(batch: dict) -> tuple[int, int]:
-    shared = batch["shared_prompt"]
-    return batch["input_ids"].numel(), shared["prefix_ids"].numel() + shared["input_ids"].numel()
+    return batch["input_ids"].numel(), layout_tokens(batch["shared_prompt"])
 
 
 def main():

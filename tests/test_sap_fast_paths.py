@@ -7,7 +7,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from conftest import full_logits_logprobs, lora_model, pair_batch, task_batch
+from conftest import PAIRS, full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
 from safeprobe.method.probe import Probe
@@ -232,6 +232,44 @@ def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
     assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
 
 
+def test_continuations_of_very_different_lengths_run_in_two_groups():
+    from safeprobe.method.shared_prompt import continuation_groups
+    assert continuation_groups([3, 40, 4, 38]) == [[0, 2], [3, 1]]  # short refusals apart from long answers
+    assert continuation_groups([30, 40, 34, 38]) == [[0, 1, 2, 3]]  # a split would save under a quarter
+    assert continuation_groups([7]) == [[0]]
+
+
+# short beside long, and once the other way round: the groups mix safe and harmful rows
+REFUSAL_PAIRS = [(prompt, "No.", f"{harmful} " * 6) for prompt, _, harmful in PAIRS]
+REFUSAL_PAIRS[1] = (PAIRS[1][0], f"{PAIRS[1][1]} " * 6, "Sure.")
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_short_refusals_run_apart_and_give_the_padded_batch_s(name, monkeypatch):
+    from safeprobe.method import shared_prompt
+    model, tok = lora_model(name)
+    model.eval()
+    batch, params = pair_batch(tok, REFUSAL_PAIRS), params_of(model)
+    layout = batch["shared_prompt"]
+    groups = shared_prompt.continuation_groups(layout["attention_mask"].sum(1).tolist())
+    assert len(groups) == 2 and sorted(groups[0]) == [0, 2, 4]
+    assert shared_prompt.layout_tokens(layout) < layout["prefix_ids"].numel() + layout["input_ids"].numel()
+    shared = shared_prompt.SharedPromptPass()
+    shared.logprobs(model, batch)  # the one-time check, both layouts
+    assert shared.verified is True
+    passes = []
+    original = shared_prompt.token_logprobs
+    monkeypatch.setattr(shared_prompt, "token_logprobs", lambda m, b: passes.append(b["input_ids"].shape) or
+                        original(m, b))
+    s_shared, loss_shared = safety_direction(model, params, batch, "paper", shared)  # dpo saturates here
+    assert [rows for rows, _ in passes] == [len(g) for g in groups]  # two continuation passes, two widths
+    assert passes[0][1] < passes[1][1] == layout["input_ids"].shape[1]
+    s_padded, loss_padded = safety_direction(model, params, batch, "paper")
+    assert torch.allclose(loss_shared, loss_padded, rtol=1e-6, atol=0)
+    error = global_norm([a - b for a, b in zip(s_shared, s_padded)]) / global_norm(s_padded)
+    assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
+
+
 def test_the_cache_keyword_is_asked_of_the_transformers_model_through_ddp_and_peft():
     from types import SimpleNamespace
 
@@ -280,7 +318,7 @@ def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_p
     monkeypatch.setattr(shared_prompt, "shared_prompt_logprobs", lambda *a: calls.append(1) or original(*a))
     run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=4, max_steps=2,
                           batch_size=4, safety_batch_size=2, max_length=96, output_dir=str(tmp_path / "out")))
-    assert len(calls) == 3  # the one-time check, then step 1 of each of the two steps
+    assert len(calls) == 4  # the one-time check (one group, then two), then step 1 of each of the two steps
 
 
 def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(monkeypatch):
