@@ -19,7 +19,7 @@ a warning. The check draws no random numbers.
 """
 from __future__ import annotations
 
-import copy as _copy
+import copy
 import logging
 
 import torch
@@ -69,10 +69,10 @@ def shared_prompt_logprobs(model, shared: dict, groups: list[list[int]] | None =
     pieces = []
     for i, group in enumerate(groups):
         rows = torch.tensor(group, device=no_position.device)
-        width = max(lengths[r] for r in group)  # right-padded: the first `width` columns hold every real token
+        width = _width(lengths, group)  # right-padded: the first `width` columns hold every real token
         part = {k: shared[k][rows, :width] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
         attention = torch.cat([shared["prefix_mask"][rows % n], part["attention_mask"]], dim=1)
-        rows_cache = _cache_rows(cache, rows % n, copy=i < len(groups) - 1)  # pair i -> rows i and n + i
+        rows_cache = _cache_rows(cache, rows % n, keep_original=i < len(groups) - 1)  # pair i -> rows i, n + i
         logp, mask = token_logprobs(model, {**part, "attention_mask": attention, "kv_cache": rows_cache})
         pieces.append((F.pad(logp, (0, length - width)), F.pad(mask, (0, length - width))))
     back = torch.argsort(torch.tensor([r for group in groups for r in group], device=no_position.device))
@@ -95,17 +95,22 @@ def continuation_groups(lengths: list[int]) -> list[list[int]]:
 def layout_tokens(shared: dict) -> int:
     """How many tokens the shared-prompt pass feeds the model: the prefixes and the grouped continuations."""
     lengths = shared["attention_mask"].sum(1).tolist()
-    fed = sum(len(g) * max(lengths[r] for r in g) for g in continuation_groups(lengths))
+    fed = sum(len(g) * _width(lengths, g) for g in continuation_groups(lengths))
     return shared["prefix_ids"].numel() + fed
 
 
-def _cache_rows(cache, rows: torch.Tensor, copy: bool):
-    """The cache holding `rows` of its batch: the cache itself, reordered, or with `copy` a reordered copy (the
-    original keeps the prefixes for the next group; the tensors are shared until the reorder replaces them)."""
-    if copy:
-        cache = _copy.copy(cache)
+def _width(lengths: list[int], group: list[int]) -> int:
+    """What a group of continuations is padded to: its longest row."""
+    return max(lengths[r] for r in group)
+
+
+def _cache_rows(cache, rows: torch.Tensor, keep_original: bool):
+    """The cache holding `rows` of its batch: the cache itself, reordered, or with `keep_original` a reordered copy
+    (the original keeps the prefixes for the next group; the tensors are shared until the reorder replaces them)."""
+    if keep_original:
+        cache = copy.copy(cache)
         if hasattr(cache, "layers"):
-            cache.layers = [_copy.copy(layer) for layer in cache.layers]
+            cache.layers = [copy.copy(layer) for layer in cache.layers]
         else:  # older transformers: per-layer lists of tensors
             cache.key_cache, cache.value_cache = list(cache.key_cache), list(cache.value_cache)
     cache.reorder_cache(rows)
