@@ -1,4 +1,4 @@
-"""SAP step 1 with each safety pair's prompt run once (shared-prompt KV cache) against the padded batch.
+"""SAP step 1 with the safety pairs packed (each prompt once, under a block mask) against the padded batch.
 
     python benchmarks/safety_pass.py --model smollm2-135m-instruct [--data pku-saferlhf-pairs] [--pairs 2]
 
@@ -55,21 +55,21 @@ def main():
         gap = max(abs(float(contrastive_safety_loss(model, b, logprobs=shared.logprobs)
                             - contrastive_safety_loss(model, b))) for b in data)
     model.train()
-    times = {"padded": [], "shared": []}
+    times = {"padded": [], "packed": []}
     safety_direction(model, params, data[0])  # warm-up
     for batch in data:
-        for layout, pass_ in (("padded", None), ("shared", shared)):
+        for layout, pass_ in (("padded", None), ("packed", shared)):
             start = time.perf_counter()
             safety_direction(model, params, batch, "paper", pass_)
             times[layout].append(time.perf_counter() - start)
-    padded_tokens, shared_tokens = map(sum, zip(*(tokens(b) for b in data)))
+    padded_tokens, packed_tokens = map(sum, zip(*(tokens(b) for b in data)))
     median = {layout: statistics.median(t) for layout, t in times.items()}
     print(f"{'layout':<8} {'median s':>9} {'tokens':>8}")
     print(f"{'padded':<8} {median['padded']:>9.3f} {padded_tokens:>8}")
-    print(f"{'shared':<8} {median['shared']:>9.3f} {shared_tokens:>8}")
+    print(f"{'packed':<8} {median['packed']:>9.3f} {packed_tokens:>8}")
     print(json.dumps({"model": args.model, "data": args.data, "pairs": args.pairs, "batches": len(data),
-                      "threads": torch.get_num_threads(), "padded_s": median["padded"], "shared_s": median["shared"],
-                      "time_ratio": median["shared"] / median["padded"], "token_ratio": shared_tokens / padded_tokens,
+                      "threads": torch.get_num_threads(), "padded_s": median["padded"], "packed_s": median["packed"],
+                      "time_ratio": median["packed"] / median["padded"], "token_ratio": packed_tokens / padded_tokens,
                       "verified": shared.verified, "max_loss_gap_eval": gap}))
 
 

@@ -1,6 +1,5 @@
 """SAP's fast paths compute exactly what the straightforward computation does (fp64, tiny models)."""
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -221,9 +220,7 @@ def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
     model.eval()  # no dropout: the two layouts must agree to rounding
     batch, params = pair_batch(tok), params_of(model)
     shared = SharedPromptPass()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)  # the cache goes in under the keyword this version expects
-        s_shared, loss_shared = safety_direction(model, params, batch, kind, shared)
+    s_shared, loss_shared = safety_direction(model, params, batch, kind, shared)
     s_padded, loss_padded = safety_direction(model, params, batch, kind)
     assert shared.verified is True
     # fp64 weights, but rotary embeddings are computed in fp32 (their last bits depend on the tensor's shape)
@@ -232,76 +229,86 @@ def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
     assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
 
 
-def test_continuations_of_very_different_lengths_run_in_two_groups():
-    from safeprobe.method.shared_prompt import continuation_groups
-    assert continuation_groups([3, 40, 4, 38]) == [[0, 2], [3, 1]]  # short refusals apart from long answers
-    assert continuation_groups([30, 40, 34, 38]) == [[0, 1, 2, 3]]  # a split would save under a quarter
-    assert continuation_groups([7]) == [[0]]
+def test_pairs_fill_rows_first_fit_decreasing():
+    from safeprobe.method.shared_prompt import _fill_rows
+    assert _fill_rows([300, 900, 200, 500], 1024) == [[1], [3, 0, 2]]
+    assert _fill_rows([2000, 10, 1014], 1024) == [[0], [2, 1]]  # a pair longer than a row has a row of its own
+    assert _fill_rows([5, 5, 5], 1) == [[0], [1], [2]]
+    assert _fill_rows([5, 5, 5], 10**9) == [[0, 1, 2]]
 
 
-# short beside long, and once the other way round: the groups mix safe and harmful rows
+def test_the_block_mask_shows_each_answer_its_own_prompt_and_itself():
+    from safeprobe.method.shared_prompt import HARMFUL, PREFIX, SAFE, block_mask
+    #         pair 0: prompt, safe, harmful x2 | pair 1: prompt, safe, harmful | padding
+    pair = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
+    part = torch.tensor([[PREFIX, SAFE, HARMFUL, HARMFUL, PREFIX, SAFE, HARMFUL, PREFIX]])
+    sees = (block_mask(pair, part, torch.float32) == 0)[0, 0].int().tolist()
+    assert sees == [[1, 0, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0, 0, 0],
+                    [1, 0, 1, 0, 0, 0, 0, 0],  # the harmful answer does not see the safe one
+                    [1, 0, 1, 1, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 1, 0, 0, 0],  # nor another pair
+                    [0, 0, 0, 0, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 1, 0, 1, 0],
+                    [0, 0, 0, 0, 0, 0, 0, 1]]  # padding sees itself only: never a query without keys
+    assert block_mask(pair, part, torch.bfloat16).dtype == torch.bfloat16
+
+
+# short beside long, and once the other way round: rows of very different lengths
 REFUSAL_PAIRS = [(prompt, "No.", f"{harmful} " * 6) for prompt, _, harmful in PAIRS]
 REFUSAL_PAIRS[1] = (PAIRS[1][0], f"{PAIRS[1][1]} " * 6, "Sure.")
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
-def test_short_refusals_run_apart_and_give_the_padded_batch_s(name, monkeypatch):
+def test_pairs_packed_into_shared_rows_give_the_padded_batch_s(name, monkeypatch):
     from safeprobe.method import shared_prompt
     model, tok = lora_model(name)
     model.eval()
     batch, params = pair_batch(tok, REFUSAL_PAIRS), params_of(model)
     layout = batch["shared_prompt"]
-    groups = shared_prompt.continuation_groups(layout["attention_mask"].sum(1).tolist())
-    assert len(groups) == 2 and sorted(groups[0]) == [0, 2, 4]
-    assert shared_prompt.layout_tokens(layout) < layout["prefix_ids"].numel() + layout["input_ids"].numel()
-    shared = shared_prompt.SharedPromptPass()
-    shared.logprobs(model, batch)  # the one-time check, both layouts
+    sizes = (layout["prefix_mask"].sum(1) + layout["attention_mask"].sum(1).view(2, -1).sum(0)).tolist()
+    row_tokens = sum(sorted(sizes)[:2])  # the two shortest pairs share a row, the others have their own
+    shared = shared_prompt.SharedPromptPass(row_tokens=row_tokens)
+    shared.logprobs(model, batch)  # the one-time check, all pairs in one row and one pair a row
     assert shared.verified is True
     passes = []
     original = shared_prompt.token_logprobs
     monkeypatch.setattr(shared_prompt, "token_logprobs", lambda m, b: passes.append(b["input_ids"].shape) or
                         original(m, b))
     s_shared, loss_shared = safety_direction(model, params, batch, "paper", shared)  # dpo saturates here
-    assert [rows for rows, _ in passes] == [len(g) for g in groups]  # two continuation passes, two widths
-    assert passes[0][1] < passes[1][1] == layout["input_ids"].shape[1]
+    assert passes == [(len(sizes) - 1, row_tokens)]  # one pass, one row fewer than pairs
+    assert shared_prompt.layout_tokens(layout, row_tokens) < batch["input_ids"].numel()
     s_padded, loss_padded = safety_direction(model, params, batch, "paper")
     assert torch.allclose(loss_shared, loss_padded, rtol=1e-6, atol=0)
     error = global_norm([a - b for a, b in zip(s_shared, s_padded)]) / global_norm(s_padded)
     assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
 
 
-def test_the_cache_keyword_is_asked_of_the_transformers_model_through_ddp_and_peft():
-    from types import SimpleNamespace
-
-    from safeprobe.model.compat import cache_kwarg
-
-    class Renamed:
-        def forward(self, input_ids=None, cache=None, **kwargs): ...
-
-    class Older:
-        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
-
-    class Wrapper:  # PEFT: a forward of **kwargs around the transformers model
-        def __init__(self, inner):
-            self.inner = inner
-
-        def get_base_model(self):
-            return self.inner
-
-        def forward(self, *args, **kwargs): ...
-
-    for model, keyword in ((Renamed(), "cache"), (Older(), "past_key_values")):
-        assert cache_kwarg(model) == keyword
-        assert cache_kwarg(Wrapper(model)) == keyword
-        assert cache_kwarg(SimpleNamespace(module=Wrapper(model))) == keyword  # DDP around PEFT
+def test_the_packed_safety_pass_runs_under_gradient_checkpointing():
+    from safeprobe.method.shared_prompt import SharedPromptPass
+    model, tok = lora_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing acts in training mode only; no dropout, so the layouts agree to rounding
+    batch, params = pair_batch(tok), params_of(model)
+    shared = SharedPromptPass()
+    shared.logprobs(model, batch)  # the one-time check
+    checkpointed, layer = [], decoder_layers(model)[0]
+    checkpoint = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda *a, **k: checkpointed.append(1) or checkpoint(*a, **k)
+    s_packed, _ = safety_direction(model, params, batch, "paper", shared)
+    assert shared.verified is True and checkpointed == [1]  # the packed pass ran the layer checkpointed
+    s_padded, _ = safety_direction(model, params, batch, "paper")
+    error = global_norm([a - b for a, b in zip(s_packed, s_padded)]) / global_norm(s_padded)
+    assert global_norm(s_padded) > 0 and error < 1e-6, float(error)
 
 
-def test_a_model_that_cannot_continue_a_prompt_cache_falls_back_to_the_padded_batch(monkeypatch, caplog):
+def test_a_model_that_ignores_the_block_mask_falls_back_to_the_padded_batch(monkeypatch, caplog):
     from safeprobe.method import shared_prompt
     model, tok = lora_model()
     batch, params = pair_batch(tok), params_of(model)
-    # a model that ignores the cache: its continuations lose their prompts
-    monkeypatch.setattr(shared_prompt, "DynamicCache", lambda config: None)
+    # a model that ignores the block mask: every token sees every other one
+    monkeypatch.setattr(shared_prompt, "block_mask", lambda pair, part, dtype: torch.zeros(
+        pair.shape[0], 1, pair.shape[1], pair.shape[1], dtype=dtype))
     shared = shared_prompt.SharedPromptPass()
     with same_randomness(0, torch.device("cpu")):
         s_fallback, _ = safety_direction(model, params, batch, "paper", shared)
@@ -314,11 +321,11 @@ def test_a_model_that_cannot_continue_a_prompt_cache_falls_back_to_the_padded_ba
 def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_path, monkeypatch):
     from safeprobe.method import shared_prompt
     calls = []
-    original = shared_prompt.shared_prompt_logprobs
-    monkeypatch.setattr(shared_prompt, "shared_prompt_logprobs", lambda *a: calls.append(1) or original(*a))
+    original = shared_prompt.packed_logprobs
+    monkeypatch.setattr(shared_prompt, "packed_logprobs", lambda *a: calls.append(1) or original(*a))
     run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=4, max_steps=2,
                           batch_size=4, safety_batch_size=2, max_length=96, output_dir=str(tmp_path / "out")))
-    assert len(calls) == 4  # the one-time check (one group, then two), then step 1 of each of the two steps
+    assert len(calls) == 4  # the one-time check (one row, then one pair a row), then step 1 of each of the two steps
 
 
 def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(monkeypatch):
@@ -332,7 +339,7 @@ def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(m
     shared_pass.logprobs(model, batch)
     assert shared_pass.verified is True  # fits the window: the shared layout is used
     monkeypatch.setattr(model.config, "sliding_window", layout["input_ids"].shape[1], raising=False)
-    monkeypatch.setattr(shared_prompt, "shared_prompt_logprobs", lambda *a: pytest.fail("window exceeded"))
+    monkeypatch.setattr(shared_prompt, "packed_logprobs", lambda *a: pytest.fail("window exceeded"))
     logp, mask = shared_pass.logprobs(model, batch)
     expected, expected_mask = token_logprobs(model, batch)
     assert torch.equal(mask, expected_mask) and torch.equal(logp, expected)

@@ -6,18 +6,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..model.compat import cache_kwarg
-
 IGNORE = -100
-
-
-def _model_inputs(model, batch: dict) -> dict:
-    """What a teacher-forced pass feeds the model: a KV cache (`kv_cache`) only when the batch continues a cached
-    prefix."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "kv_cache" in batch:
-        inputs[cache_kwarg(model)] = batch["kv_cache"]
-    return {**inputs, "use_cache": "kv_cache" in batch}
 
 
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +21,8 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = mask.nonzero(as_tuple=True)
     with head_only_at(model, rows, cols):
         # [labelled positions, vocab]; squeeze is a view both ways ([0] would zero-fill a logits-sized gradient)
-        logits = model(**_model_inputs(model, batch)).logits.squeeze(0)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = model(**inputs, use_cache=False).logits.squeeze(0)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 softmax even under bf16
     logp = -F.cross_entropy(logits, targets[rows, cols], reduction="none")
     return logp.new_zeros(mask.shape).index_put((rows, cols), logp), mask

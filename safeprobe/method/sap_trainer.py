@@ -43,8 +43,9 @@ class SAPTrainer(SafeprobeTrainer):
         # checkpointing, which would recompute them from inside the shared graph)
         self._shared = SharedLowerForward(self.model, self.probe.layers[0],
                                           enabled=not self.args.gradient_checkpointing)
-        # step 1 runs each safety pair's prompt once for both answers (checked against the padded batch once)
-        self._shared_prompt = SharedPromptPass(enabled=not self.args.gradient_checkpointing)
+        # step 1 runs each safety pair's prompt once for both answers, the pairs packed into few rows (checked
+        # against the padded batch once; no KV cache, so gradient checkpointing keeps it)
+        self._shared_prompt = SharedPromptPass()
         # default: as many safety sequences (safe + harmful) as task examples, so step 1 costs one task batch
         safety_batch_size = safety_batch_size or max(1, self.args.per_device_train_batch_size // 2)
         self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size

@@ -1,42 +1,45 @@
-"""SAP step 1 with one forward of each safety pair's prompt for both of its answers.
+"""SAP step 1 with one forward of each safety pair's prompt for both of its answers, packed into few rows.
 
 A safety pair's safe and harmful answers follow the same prompt, and with the chat template the prompt is often
-the longer part; padding both answers to the longest row of the batch wastes more. The pair collator also lays
-the batch out as common prefixes and continuations (`data.tokenize.shared_prompt_layout`): the prefixes run once
-and fill a KV cache, which is repeated for the safe and the harmful row of each pair, and the continuations run
-on top of it. Gradients flow through the cache, so s is the gradient of the same loss over fewer tokens (on
-PKU-SafeRLHF pairs with the SmolLM2 template, 2 pairs a batch: 0.81x the tokens and 0.91x the time of the padded
-batch, `benchmarks/safety_pass.py`). When the answers' lengths differ widely (a short refusal beside a long harmful
-answer) the continuations run in two groups, short and long, each padded only to its own longest row.
+the longer part; padding both answers to the longest row of the batch wastes more. The pair collator lays the
+batch out as common prefixes and continuations (`data.tokenize.shared_prompt_layout`). Here each pair becomes one
+segment, prefix then safe answer then harmful answer, and the segments are packed into rows of up to `ROW_TOKENS`
+tokens. A block attention mask lets a prefix see only itself and an answer see only its own prefix and itself;
+position ids restart in every segment, and each answer continues its prefix's positions. One pass then scores every
+answer from the fewest tokens, inside large matrix products: on this project's CPU benchmark the small products
+of a prompt-cache layout ran at half the throughput, which ate most of its token saving
+(`benchmarks/safety_pass.py`).
 
 Without dropout the answers' log-likelihoods equal those of the padded batch up to rounding. With dropout the
 two answers of a pair see the same masks over their prompt, as they see the same prompt.
 
-Not every model continues a cache in a training forward (gradient checkpointing turns the cache off; some
-architectures bring caches of their own), so the first batch is checked once, in eval mode and without
-gradients, against the padded batch; a mismatch falls back to the padded batch for the rest of the run, with
-a warning. The check draws no random numbers.
+Not every model takes a custom 4D attention mask with the positions it is given (ALiBi models such as BLOOM
+derive positions from a 2D mask; flash-attention kernels take no 4D mask), so the first batch is checked once,
+in eval mode and without gradients, against the padded batch; a mismatch falls back to the padded batch for the
+rest of the run, with a warning. The check draws no random numbers.
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
-from ..model.compat import cache_kwarg
-from .losses import head_only_at, token_logprobs
+from .losses import IGNORE, token_logprobs
 
 log = logging.getLogger(__name__)
 
+# Rows of up to this many tokens (or one pair, if longer): attention costs the square of a row's length, the linear
+# layers only its tokens. At 1k tokens attention is about a third of the linear layers' cost in a 135M model
+# (hidden size 576), and less in larger ones.
+ROW_TOKENS = 1024
+PREFIX, SAFE, HARMFUL = 0, 1, 2  # the parts of a pair's segment
+
 
 class SharedPromptPass:
-    """`logprobs(model, pair_batch)` for `contrastive_safety_loss`: shared prompts once verified, else padded."""
+    """`logprobs(model, pair_batch)` for `contrastive_safety_loss`: packed pairs once verified, else padded."""
 
-    def __init__(self, enabled: bool = True):
-        self.verified = None if enabled else False  # None: not checked yet
+    def __init__(self, row_tokens: int = ROW_TOKENS):
+        self.verified, self.row_tokens = None, row_tokens  # verified None: not checked yet
 
     def logprobs(self, model, pair_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         shared = pair_batch.get("shared_prompt")
@@ -45,98 +48,108 @@ class SharedPromptPass:
         if self.verified is None:
             self.verified = _agrees_with_padded(model, pair_batch)
             if not self.verified:
-                log.warning("this model does not reproduce the safety pairs' log-likelihoods through a shared "
-                            "prompt cache; SAP's safety pass uses the padded batch")
+                log.warning("this model does not reproduce the safety pairs' log-likelihoods with the pairs packed "
+                            "under a block attention mask; SAP's safety pass uses the padded batch")
                 return token_logprobs(model, pair_batch)
-        return shared_prompt_logprobs(model, shared)
+        return packed_logprobs(model, shared, self.row_tokens)
 
 
-def shared_prompt_logprobs(model, shared: dict, groups: list[list[int]] | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(label) and mask of the continuations, [2n, length - 1], after one pass over the prefixes.
-
-    The continuations run in `groups` of rows (default `continuation_groups`), each padded only to its own
-    longest row and continuing its own copy of the prefixes' cache; gradients reach the prefixes through all."""
-    core = getattr(model, "module", model)  # DDP
-    cache = DynamicCache(config=core.config)
-    no_position = torch.empty(0, dtype=torch.long, device=shared["prefix_ids"].device)
-    with head_only_at(model, no_position, no_position):  # the prefixes predict no label: no vocabulary head
-        model(input_ids=shared["prefix_ids"], attention_mask=shared["prefix_mask"],
-              position_ids=shared["prefix_positions"], use_cache=True, **{cache_kwarg(model): cache})
-    n, length = shared["prefix_ids"].shape[0], shared["input_ids"].shape[1]
-    lengths = shared["attention_mask"].sum(1).tolist()
-    groups = groups or continuation_groups(lengths)
-    pieces = []
-    for i, group in enumerate(groups):
-        rows = torch.tensor(group, device=no_position.device)
-        width = _width(lengths, group)  # right-padded: the first `width` columns hold every real token
-        part = {k: shared[k][rows, :width] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
-        attention = torch.cat([shared["prefix_mask"][rows % n], part["attention_mask"]], dim=1)
-        rows_cache = _cache_rows(cache, rows % n, keep_original=i < len(groups) - 1)  # pair i -> rows i, n + i
-        logp, mask = token_logprobs(model, {**part, "attention_mask": attention, "kv_cache": rows_cache})
-        pieces.append((F.pad(logp, (0, length - width)), F.pad(mask, (0, length - width))))
-    back = torch.argsort(torch.tensor([r for group in groups for r in group], device=no_position.device))
-    return torch.cat([p for p, _ in pieces])[back], torch.cat([m for _, m in pieces])[back]
+def packed_logprobs(model, shared: dict, row_tokens: int = ROW_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) and mask of the continuations, [2n, length - 1], from one pass over packed rows."""
+    packed = pack_pairs(shared, row_tokens)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    inputs = {k: packed[k] for k in ("input_ids", "labels", "position_ids")}
+    logp, mask = token_logprobs(model, {**inputs, "attention_mask": block_mask(packed["pair"], packed["part"], dtype)})
+    # continuation r's column j sits at column start[r] + j of packed row row[r]
+    columns = torch.arange(shared["input_ids"].shape[1] - 1, device=logp.device)
+    inside = columns < packed["length"][:, None] - 1
+    at = (packed["row"][:, None], (packed["start"][:, None] + columns).clamp(max=logp.shape[1] - 1))
+    return torch.where(inside, logp[at], 0.0), inside & mask[at]
 
 
-def continuation_groups(lengths: list[int]) -> list[list[int]]:
-    """The continuations' rows as one group, or as two by length (short, long) when that cuts the tokens they
-    are padded to by a quarter or more: refusals are often much shorter than the harmful answers beside them.
-    A second group costs a second, smaller pass."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    longest, rows = lengths[order[-1]], len(order)
-    padded = lambda k: k * lengths[order[k - 1]] + (rows - k) * longest  # noqa: E731 - the first k rows apart
-    k = min(range(1, rows), key=padded, default=rows)
-    if k == rows or padded(k) > 0.75 * rows * longest:
-        return [list(range(rows))]
-    return [order[:k], order[k:]]
+def pack_pairs(shared: dict, row_tokens: int = ROW_TOKENS) -> dict:
+    """The shared layout as packed rows: input ids, labels, position ids, and per token its pair (-1: padding) and
+    part (PREFIX, SAFE, HARMFUL); per continuation its packed row, first column and length."""
+    n = shared["prefix_ids"].shape[0]
+    prefix, answer = shared["prefix_mask"].sum(1).tolist(), shared["attention_mask"].sum(1).tolist()
+    sizes = [prefix[i] + answer[i] + answer[n + i] for i in range(n)]
+    rows = _fill_rows(sizes, row_tokens)
+    width = max(sum(sizes[i] for i in row) for row in rows)
+    packed = {"input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+              "labels": torch.full((len(rows), width), IGNORE, dtype=torch.long),
+              "position_ids": torch.zeros(len(rows), width, dtype=torch.long),
+              "pair": torch.full((len(rows), width), -1, dtype=torch.long),
+              "part": torch.zeros(len(rows), width, dtype=torch.long),
+              "row": torch.zeros(2 * n, dtype=torch.long), "start": torch.zeros(2 * n, dtype=torch.long),
+              "length": torch.tensor(answer)}
+    for r, pairs in enumerate(rows):
+        column = 0
+        for i in pairs:
+            pieces = [(PREFIX, i, shared["prefix_ids"], shared["prefix_positions"], None, prefix[i])]
+            pieces += [(part, row, shared["input_ids"], shared["position_ids"], shared["labels"], answer[row])
+                       for part, row in ((SAFE, i), (HARMFUL, n + i))]
+            for part, source, ids, positions, labels, length in pieces:
+                span = slice(column, column + length)
+                packed["input_ids"][r, span], packed["position_ids"][r, span] = ids[source, :length], \
+                    positions[source, :length]
+                packed["pair"][r, span], packed["part"][r, span] = i, part
+                if labels is not None:
+                    packed["labels"][r, span] = labels[source, :length]
+                    packed["row"][source], packed["start"][source] = r, column
+                column += length
+    device = shared["input_ids"].device
+    return {k: v.to(device) for k, v in packed.items()}
 
 
-def layout_tokens(shared: dict) -> int:
-    """How many tokens the shared-prompt pass feeds the model: the prefixes and the grouped continuations."""
-    lengths = shared["attention_mask"].sum(1).tolist()
-    fed = sum(len(g) * _width(lengths, g) for g in continuation_groups(lengths))
-    return shared["prefix_ids"].numel() + fed
+def _fill_rows(sizes: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: the pairs (by index) in rows of at most `row_tokens` tokens; a longer pair has a row of
+    its own."""
+    rows, room = [], []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = next((r for r, free in enumerate(room) if sizes[i] <= free), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            room.append(max(row_tokens, sizes[i]))
+        rows[r].append(i)
+        room[r] -= sizes[i]
+    return rows
 
 
-def _width(lengths: list[int], group: list[int]) -> int:
-    """What a group of continuations is padded to: its longest row."""
-    return max(lengths[r] for r in group)
+def block_mask(pair: torch.Tensor, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [rows, 1, width, width]: a token sees the earlier tokens of its own pair's prefix
+    and of its own part. Every token sees itself: a query that sees nothing gives NaN."""
+    width = pair.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=pair.device).tril()
+    same_pair = pair[:, :, None] == pair[:, None, :]  # padding (-1) sees only padding
+    visible_part = (part[:, None, :] == PREFIX) | (part[:, :, None] == part[:, None, :])
+    sees = (earlier & same_pair & visible_part) | torch.eye(width, dtype=torch.bool, device=pair.device)
+    return torch.zeros(sees.shape, dtype=dtype, device=pair.device).masked_fill(~sees, torch.finfo(dtype).min)[:, None]
 
 
-def _cache_rows(cache, rows: torch.Tensor, keep_original: bool):
-    """The cache holding `rows` of its batch: the cache itself, reordered, or with `keep_original` a reordered copy
-    (the original keeps the prefixes for the next group; the tensors are shared until the reorder replaces them)."""
-    if keep_original:
-        cache = copy.copy(cache)
-        if hasattr(cache, "layers"):
-            cache.layers = [copy.copy(layer) for layer in cache.layers]
-        else:  # older transformers: per-layer lists of tensors
-            cache.key_cache, cache.value_cache = list(cache.key_cache), list(cache.value_cache)
-    cache.reorder_cache(rows)
-    return cache
+def layout_tokens(shared: dict, row_tokens: int = ROW_TOKENS) -> int:
+    """How many tokens the packed pass feeds the model, padding included."""
+    return pack_pairs(shared, row_tokens)["input_ids"].numel()
 
 
 def _within_window(model, shared: dict) -> bool:
-    """A sliding window counts cache slots, and the prompts' padding sits between a prompt and its answers: only
-    a layout no longer than the window is sure to attend as the padded batch does."""
+    """The block mask replaces a sliding window's: only pairs no longer than the window attend as in the padded
+    batch."""
     window = getattr(getattr(model, "module", model).config, "sliding_window", None)
     return not window or shared["prefix_ids"].shape[1] + shared["input_ids"].shape[1] <= window
 
 
 def _agrees_with_padded(model, pair_batch: dict) -> bool:
-    """Same mean log-likelihood per answer, and the same number of scored tokens, as the padded batch: with the
-    continuations in one group and in two (safe, harmful), so that later batches may take either path."""
-    rows = pair_batch["shared_prompt"]["input_ids"].shape[0]
+    """Same mean log-likelihood per answer, and the same number of scored tokens, as the padded batch: with every
+    pair in one row and with one pair per row, so that later batches may be packed either way."""
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             padded, padded_mask = token_logprobs(model, pair_batch)
-            layouts = [shared_prompt_logprobs(model, pair_batch["shared_prompt"], groups)
-                       for groups in ([list(range(rows))], [list(range(rows // 2)), list(range(rows // 2, rows))])]
-    except Exception as error:  # noqa: BLE001 - any failure of the cached path means: do not use it
-        log.debug("shared-prompt pass failed: %r", error)
+            layouts = [packed_logprobs(model, pair_batch["shared_prompt"], row_tokens) for row_tokens in (10**9, 1)]
+    except Exception as error:  # noqa: BLE001 - any failure of the packed path means: do not use it
+        log.debug("packed safety pass failed: %r", error)
         return False
     finally:
         model.train(training)
