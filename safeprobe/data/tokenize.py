@@ -123,11 +123,9 @@ def shared_prompt_layout(safe: list[dict], harmful: list[dict], pad_id: int) -> 
     prefix i followed by continuation i or n + i is the safe or the harmful sequence of pair i.
 
     A prefix ends one token before the first labelled token of either answer, so every labelled token is
-    predicted from inside its continuation. Position ids count real tokens only; the attention mask hides the
-    padding between a prefix and its continuation. Right padding keeps every padding query behind a real token:
-    a left-padded row would start with queries that may attend to nothing, which eager attention (Gemma 2, BLOOM)
-    turns into NaN keys and values in the cache, and a masked NaN key still poisons the scores. For the same
-    reason every prefix needs a real token: None when some pair's answers share none (the padded batch is used).
+    predicted from inside its continuation. Position ids count real tokens only. Every prefix needs a real token:
+    None when some pair's answers share none (the padded batch is used). SAP's safety pass packs this layout into
+    rows (`method.shared_prompt`).
     """
     cuts = [_shared_prefix_length(s, h) for s, h in zip(safe, harmful)]
     if min(cuts) == 0:

@@ -90,8 +90,8 @@ def pack_pairs(shared: dict, row_tokens: int = ROW_TOKENS) -> dict:
                        for part, row in ((SAFE, i), (HARMFUL, n + i))]
             for part, source, ids, positions, labels, length in pieces:
                 span = slice(column, column + length)
-                packed["input_ids"][r, span], packed["position_ids"][r, span] = ids[source, :length], \
-                    positions[source, :length]
+                packed["input_ids"][r, span] = ids[source, :length]
+                packed["position_ids"][r, span] = positions[source, :length]
                 packed["pair"][r, span], packed["part"][r, span] = i, part
                 if labels is not None:
                     packed["labels"][r, span] = labels[source, :length]
