@@ -69,7 +69,10 @@ def packed_logprobs(model, shared: dict, row_tokens: int = ROW_TOKENS) -> tuple[
 
 def pack_pairs(shared: dict, row_tokens: int = ROW_TOKENS) -> dict:
     """The shared layout as packed rows: input ids, labels, position ids, and per token its pair (-1: padding) and
-    part (PREFIX, SAFE, HARMFUL); per continuation its packed row, first column and length."""
+    part (PREFIX, SAFE, HARMFUL); per continuation its packed row, first column and length. Built on the CPU (one
+    copy each way, not one per piece) and moved to the layout's device."""
+    device = shared["input_ids"].device
+    shared = {k: v.cpu() for k, v in shared.items()}
     n = shared["prefix_ids"].shape[0]
     prefix, answer = shared["prefix_mask"].sum(1).tolist(), shared["attention_mask"].sum(1).tolist()
     sizes = [prefix[i] + answer[i] + answer[n + i] for i in range(n)]
@@ -85,20 +88,21 @@ def pack_pairs(shared: dict, row_tokens: int = ROW_TOKENS) -> dict:
     for r, pairs in enumerate(rows):
         column = 0
         for i in pairs:
-            pieces = [(PREFIX, i, shared["prefix_ids"], shared["prefix_positions"], None, prefix[i])]
-            pieces += [(part, row, shared["input_ids"], shared["position_ids"], shared["labels"], answer[row])
-                       for part, row in ((SAFE, i), (HARMFUL, n + i))]
-            for part, source, ids, positions, labels, length in pieces:
-                span = slice(column, column + length)
-                packed["input_ids"][r, span] = ids[source, :length]
-                packed["position_ids"][r, span] = positions[source, :length]
-                packed["pair"][r, span], packed["part"][r, span] = i, part
-                if labels is not None:
-                    packed["labels"][r, span] = labels[source, :length]
-                    packed["row"][source], packed["start"][source] = r, column
-                column += length
-    device = shared["input_ids"].device
+            _put(packed, r, column, i, PREFIX, shared["prefix_ids"][i], shared["prefix_positions"][i], prefix[i])
+            column += prefix[i]
+            for part, row in ((SAFE, i), (HARMFUL, n + i)):
+                _put(packed, r, column, i, part, shared["input_ids"][row], shared["position_ids"][row], answer[row])
+                packed["labels"][r, column:column + answer[row]] = shared["labels"][row, :answer[row]]
+                packed["row"][row], packed["start"][row] = r, column
+                column += answer[row]
     return {k: v.to(device) for k, v in packed.items()}
+
+
+def _put(packed: dict, r: int, column: int, pair: int, part: int, ids, positions, length: int) -> None:
+    """Write one part of a pair's segment into packed row r from `column` on."""
+    span = slice(column, column + length)
+    packed["input_ids"][r, span], packed["position_ids"][r, span] = ids[:length], positions[:length]
+    packed["pair"][r, span], packed["part"][r, span] = pair, part
 
 
 def _fill_rows(sizes: list[int], row_tokens: int) -> list[list[int]]:
