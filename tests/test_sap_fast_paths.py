@@ -13,6 +13,7 @@ from safeprobe.method.probe import Probe
 from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, safe_probe, \
     same_randomness, safety_direction
 from safeprobe.method import shared_forward
+from safeprobe.method.dropout_masks import DropoutMasks
 from safeprobe.method.shared_forward import SharedLowerForward
 from safeprobe.model import decoder_layers
 
@@ -176,6 +177,24 @@ def test_sap_trainer_trains_the_same_adapter_with_and_without_lower_layer_sharin
     assert shared.keys() == plain.keys()
     assert all(torch.allclose(shared[k], plain[k], rtol=1e-5, atol=1e-7) for k in shared)
 
+
+
+@pytest.mark.parametrize("mode", ["paper", "reference"])
+def test_sap_trainer_trains_the_same_adapter_whether_or_not_it_replays_dropout_masks(tmp_path, monkeypatch, mode):
+    settings = dict(method="sap", sap_mode=mode, model="tiny-random-llama", task="sst2", n=16, n_safety=8,
+                    max_steps=3, batch_size=4, safety_batch_size=2, max_length=96, lora_dropout=0.1, eps=0.05,
+                    beta=5.0, probe_layers="2,3", logging_steps=1)
+    replays = []
+    replayed = DropoutMasks.replayed
+    monkeypatch.setattr(DropoutMasks, "replayed", lambda self, batch, last=False:
+                        replays.append(self.kept is not None) or replayed(self, batch, last))
+    run_train(TrainConfig(output_dir=str(tmp_path / "replayed"), **settings))
+    assert replays == [True] * 6  # the clean pass and step 5 of every step had masks to replay
+    original = DropoutMasks.__init__
+    monkeypatch.setattr(DropoutMasks, "__init__", lambda self, model, enabled=True: original(self, model, False))
+    run_train(TrainConfig(output_dir=str(tmp_path / "drawn"), **settings))
+    replayed, drawn = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("replayed", "drawn"))
+    assert replayed.keys() == drawn.keys() and all(torch.equal(replayed[k], drawn[k]) for k in replayed)
 
 def test_the_shared_prompt_layout_rebuilds_every_safe_and_harmful_sequence():
     from safeprobe.data.tokenize import PairCollator, encode_pairs
@@ -356,3 +375,83 @@ def test_a_safety_batch_larger_than_the_task_batch_runs_in_chunks_of_the_task_ba
     run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=10, max_steps=2,
                           batch_size=2, safety_batch_size=5, max_length=96, output_dir=str(tmp_path / "out")))
     assert sizes == [[2, 2, 1], [2, 2, 1]]
+
+
+def test_recorded_dropout_masks_are_torchs_own_and_replay_without_drawing():
+    model, tok = lora_model(dropout=0.1)
+    batch, masks = task_batch(tok), DropoutMasks(model)
+    torch.manual_seed(3)
+    plain, plain_end = response_loss(model, batch), torch.get_rng_state()  # torch's own dropout
+    torch.manual_seed(3)
+    with masks.recorded(batch):
+        recorded = response_loss(model, batch)
+    assert masks.kept is not None and torch.equal(recorded, plain) and torch.equal(torch.get_rng_state(), plain_end)
+    with dropout_draws(model) as draws:
+        for seed in (11, 12):  # whatever the RNG state, the masks are the recorded ones
+            torch.manual_seed(seed)
+            with masks.replayed(batch):
+                assert torch.equal(response_loss(model, batch), plain)
+            assert torch.equal(torch.get_rng_state(), plain_end)  # where drawing the masks would have left it
+    assert draws == [0, 0] * len(masks.modules)
+    with masks.replayed(task_batch(tok)):  # another batch (even with the same rows) gets nothing recorded
+        assert not torch.equal(response_loss(model, batch), plain)
+    with masks.replayed(batch, last=True):
+        pass
+    assert masks.kept is None
+
+
+def test_a_model_drawing_random_numbers_outside_its_dropout_modules_keeps_no_masks():
+    model, tok = lora_model(dropout=0.1)
+    batch, masks = task_batch(tok), DropoutMasks(model)
+    noisy = decoder_layers(model)[1].register_forward_hook(lambda module, args, output: torch.rand(1) and None)
+    with masks.recorded(batch):
+        response_loss(model, batch)
+    assert masks.kept is None
+    noisy.remove()
+    with masks.recorded(batch):
+        response_loss(model, batch)
+    assert masks.kept is not None
+    model.eval()  # no dropout: nothing to record
+    with masks.recorded(batch):
+        response_loss(model, batch)
+    assert masks.kept is None
+
+
+@contextlib.contextmanager
+def dropout_draws(model):
+    """Per call of every nn.Dropout module inside the block: 1 if it moved the RNG (drew a mask), else 0."""
+    draws, before = [], {}
+    modules = [m for m in model.modules() if type(m) is torch.nn.Dropout]
+    handles = [h for m in modules for h in (
+        m.register_forward_pre_hook(lambda module, args: before.__setitem__(module, torch.get_rng_state())),
+        m.register_forward_hook(lambda module, args, output: draws.append(
+            int(not torch.equal(before[module], torch.get_rng_state())))))]
+    try:
+        yield draws
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2"])
+def test_sap_step_with_replayed_dropout_masks_is_bit_identical_and_draws_them_once(name):
+    model, tok = lora_model(name, dropout=0.1)
+    probe, batch, params = Probe(model, "2,3"), task_batch(tok), params_of(model)
+    s, _ = safety_direction(model, params, pair_batch(tok))
+    delta, _ = perturbation(params, s, 1e-3, "absolute")
+    n_dropouts = sum(type(m) is torch.nn.Dropout for m in model.modules())
+
+    def sap_step(masks):
+        shared = SharedLowerForward(model, probe.layers[0])
+        torch.manual_seed(7)
+        with dropout_draws(model) as draws:
+            g_V, loss, loss_perturbed = probe_gradient(model, probe, params, delta, batch, shared=shared,
+                                                       masks=masks)
+            with probe.active(safe_probe(g_V, 0.05)), shared.replayed(batch), masks.replayed(batch, last=True):
+                grads = torch.autograd.grad(response_loss(model, batch), params)
+        return (*g_V, loss, loss_perturbed, *grads, torch.get_rng_state()), sum(draws)
+
+    drawn_again, draws_again = sap_step(DropoutMasks(model, enabled=False))
+    replayed, draws_once = sap_step(DropoutMasks(model))
+    assert all(torch.equal(a, b) for a, b in zip(drawn_again, replayed))  # g_V, losses, step 5, RNG: every bit
+    assert draws_once == n_dropouts and draws_again == n_dropouts * 2 + n_dropouts // 2  # step 5: layers 2, 3

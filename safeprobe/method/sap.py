@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .dropout_masks import DropoutMasks
 from .losses import contrastive_safety_loss, response_loss, safety_counts, token_logprobs
 from .probe import parse_layers
 from .shared_forward import SharedLowerForward
@@ -165,22 +166,25 @@ def same_randomness(seed: int | None, device: torch.device):
 
 
 def probe_gradient(model, probe, params: list, delta: list, batch: dict, seed: int | None = None,
-                   at: list | None = None, shared: SharedLowerForward | None = None):
+                   at: list | None = None, shared: SharedLowerForward | None = None,
+                   masks: DropoutMasks | None = None):
     """Steps 2-3: g_V at V = 0 (or at `at`) from a perturbed and a clean pass that differentiate only the probe.
 
     Both passes draw the dropout masks of `seed` (None: of the current RNG state, those of step 5). With
-    `shared`, the clean pass keeps its lower layers' forward for step 5 to reuse (see `shared_forward`).
+    `shared`, the clean pass keeps its lower layers' forward for step 5 to reuse (see `shared_forward`); with
+    `masks`, the perturbed pass keeps its dropout masks for the clean pass and step 5 (see `dropout_masks`).
     Returns (g_V, L(W, V), L(W + dW, V)); the two losses give the L_su estimate for free.
     """
     device = batch["input_ids"].device
+    masks = masks or DropoutMasks(model, enabled=False)
     V = [v.detach().clone().requires_grad_(True) for v in at] if at is not None \
         else probe.zeros(batch["input_ids"], requires_grad=True)
     with probe.active(V):
-        with same_randomness(seed, device), frozen(params), perturbed(params, delta):
+        with same_randomness(seed, device), frozen(params), perturbed(params, delta), masks.recorded(batch):
             loss_perturbed = response_loss(model, batch)
             g_perturbed = torch.autograd.grad(loss_perturbed, V)
         # the clean pass comes second: a graph it keeps for step 5 forbids changing the weights in place after it
-        with same_randomness(seed, device), _clean_pass(params, batch, shared):
+        with same_randomness(seed, device), masks.replayed(batch), _clean_pass(params, batch, shared):
             loss_clean = response_loss(model, batch)
             g_clean = torch.autograd.grad(loss_clean, V)
     g_V = [a - b for a, b in zip(g_perturbed, g_clean)]

@@ -21,6 +21,7 @@ import torch
 from ..data.tokenize import PairCollator
 from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .checkpoint import numbered, unnumbered
+from .dropout_masks import DropoutMasks
 from .probe import Probe
 from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
 from .shared_forward import SharedLowerForward
@@ -43,6 +44,8 @@ class SAPTrainer(SafeprobeTrainer):
         # checkpointing, which would recompute them from inside the shared graph)
         self._shared = SharedLowerForward(self.model, self.probe.layers[0],
                                           enabled=not self.args.gradient_checkpointing)
+        # the perturbed probe pass draws the dropout masks, the clean pass and step 5 reuse them (same reason)
+        self._masks = DropoutMasks(self.model, enabled=not self.args.gradient_checkpointing)
         # step 1 runs each safety pair's prompt once for both answers, the pairs packed into few rows (checked
         # against the padded batch once; no KV cache, so gradient checkpointing keeps it)
         self._shared_prompt = SharedPromptPass()
@@ -81,7 +84,8 @@ class SAPTrainer(SafeprobeTrainer):
         with self.accelerator.no_sync(model):
             V_safe = self._reference_probe(model, inputs) if self.sap.mode == "reference" \
                 else self._paper_probe(model, inputs)
-        with self.probe.active(V_safe), self._shared.replayed(inputs):  # step 5: the ordinary step, probed
+        # step 5: the ordinary step, probed
+        with self.probe.active(V_safe), self._shared.replayed(inputs), self._masks.replayed(inputs, last=True):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def _harmful_perturbation(self, model, force: bool = False) -> list | None:
@@ -111,7 +115,7 @@ class SAPTrainer(SafeprobeTrainer):
             return None  # the step is skipped anyway
         with self.probe.active(None):
             g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs,
-                                                       shared=self._shared)
+                                                       shared=self._shared, masks=self._masks)
         g_V = self._mean_across_ranks(g_V)
         if not all_finite(g_V):
             self.flag_bad_step("probe gradient")
@@ -133,7 +137,7 @@ class SAPTrainer(SafeprobeTrainer):
         if delta is None:
             return V_prev  # the step is skipped; the probe and its moments stay as they are
         g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs, at=V_prev,
-                                                   shared=self._shared)
+                                                   shared=self._shared, masks=self._masks)
         g_V = self._mean_across_ranks(g_V)
         if not all_finite(g_V):
             self.flag_bad_step("probe gradient")

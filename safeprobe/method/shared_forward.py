@@ -18,6 +18,7 @@ import logging
 import torch
 
 from ..model import decoder_layers
+from ..model.layers import forwards_replaced
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +75,9 @@ class SharedLowerForward:
                 handle.remove()
 
 
-@contextlib.contextmanager
 def _skipped(layers: list, output):
     """The layers return `output` instead of computing; yields a function that ends this early (idempotent)."""
-    originals = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward of someone else
-    for layer in layers:
-        layer.forward = lambda *args, **kwargs: output
-
-    def unskip():
-        for layer, original in zip(layers, originals):
-            if original is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = original
-    try:
-        yield unskip
-    finally:
-        unskip()
+    return forwards_replaced(layers, lambda layer, original: lambda *args, **kwargs: output)
 
 
 def _incoming(args, kwargs) -> torch.Tensor:

@@ -1,5 +1,8 @@
-"""Finding a model's decoder blocks (where SAP probes hidden states) and summarising a model for manifests."""
+"""Finding a model's decoder blocks (where SAP probes hidden states), swapping modules' forward for a while, and
+summarising a model for manifests."""
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
@@ -51,6 +54,27 @@ def _longest_uniform_list(model: nn.Module) -> nn.ModuleList | None:
     outermost = [m for name, m in candidates
                  if not any(name.startswith(other + ".") for other, _ in candidates if other != name)]
     return max(outermost, key=len, default=None)
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules, make_forward):
+    """Inside the block, each module's forward is `make_forward(module, original)`, `original` being what its
+    forward was (an instance-level forward set by someone else included). Yields a function that puts every
+    original back early; leaving the block does it anyway."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = make_forward(module, module.forward)
+
+    def restore():
+        for module, original in zip(modules, saved):
+            if original is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = original
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 def model_summary(model) -> dict:
