@@ -27,6 +27,7 @@ from transformers import ProgressCallback, TrainerCallback
 from safeprobe.data import Example, SafetyPair
 from safeprobe.data.tokenize import encode, encode_pairs
 from safeprobe.experiments.train import TrainConfig, build_trainer, prepare_model
+from safeprobe.memory import keep_freed_memory
 
 MODES = {"sft": dict(method="sft"), "sap": dict(method="sap"),
          "sap_k4": dict(method="sap", safety_every=4, probe_every=4),
@@ -207,6 +208,9 @@ def cycle_cost(times: list[float], first_step: int, k: int) -> float:
 
 
 def measure(args) -> dict:
+    # the trainers run in threads: one malloc arena lets them allocate as a run's main thread does (see
+    # safeprobe.memory; SAFEPROBE_KEEP_FREED_MEMORY=0 measures with glibc's defaults)
+    args.keep_freed_memory = keep_freed_memory(one_arena=True)
     modes = args.modes.split(",")
     built = [make_trainer(mode, args) for mode in modes]
     recorders = run_in_turn([trainer for trainer, _, _ in built], CLOCKS[args.clock])
@@ -227,7 +231,8 @@ def report(results: dict, args, device: str) -> dict:
     summary = {"model": args.model, "device": device, "dtype": "bf16" if args.bf16 else "fp32",
                "threads": torch.get_num_threads(), "clock": args.clock, "seq_len": args.seq_len, "batch": args.batch,
                "safety_pairs": args.safety_pairs, "lora_r": args.lora_r, "probe_layers": args.probe_layers,
-               "steps": args.steps, "warmup": args.warmup, "sft_step_s": sft["step_s"], "sft_peak_mb": sft["peak_mb"]}
+               "steps": args.steps, "warmup": args.warmup, "keep_freed_memory": args.keep_freed_memory,
+               "sft_step_s": sft["step_s"], "sft_peak_mb": sft["peak_mb"]}
     for mode, r in results.items():
         if mode != "sft":
             summary[f"{mode}_step_s"] = r["step_s"]

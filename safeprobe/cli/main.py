@@ -9,6 +9,7 @@ import sys
 from rich.console import Console
 
 from ..errors import UserError
+from ..memory import keep_freed_memory
 from . import config as cfgmod
 from .align_cmd import align_config, run_align_command
 from .data_cmd import DataShowConfig, data_list, data_show
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     _quiet_libraries(args.verbose)
+    keep_freed_memory()  # training and generation on a CPU reallocate the same large buffers at every step
     console = Console()
     help_text, config_cls, handler = COMMANDS[args.handler]
     try:

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from ..data.sampling import LengthGroupedBatches
 from ..errors import TrainingDiverged
 from ..io import append_jsonl
+from ..memory import keep_freed_memory
 from . import checkpoint
 from .losses import response_loss
 
@@ -46,6 +47,8 @@ class SafeprobeTrainer(Trainer):
 
     def __init__(self, *args, step_log: str | Path | None = None, max_bad_steps: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.device.type == "cpu":
+            keep_freed_memory()  # every step reallocates the same large buffers: keep them mapped
         self.model_accepts_loss_kwargs = False
         self.step_log = Path(step_log) if step_log else None
         self.max_bad_steps = max_bad_steps
