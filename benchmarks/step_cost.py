@@ -7,10 +7,11 @@ mode), each on its own copy of the model with the same initialisation and the sa
 their optimiser steps in turn, one step at a time, so that whatever else loads the machine hits every mode alike.
 
 Step time: the median over the timed steps; for an amortised mode (a refresh every k steps) the mean over the
-k phases of a cycle of the median at each phase, i.e. what a step costs on average. Peak memory: the trainer's
-resident tensors (weights, buffers, optimiser state) plus the most its step 0 (a refresh in every mode)
-allocated on top of them before the optimiser step (CUDA: allocator statistics; CPU: the profiler's
-allocation events). Prints a table and, last, one JSON line.
+k phases of a cycle of the median at each phase, i.e. what a step costs on average. Peak memory, measured after
+the timing on a fresh trainer per mode that takes one step: its resident tensors (weights, buffers, optimiser
+state) plus the most its step (a refresh in every mode) allocated on top of them before the optimiser step (CUDA:
+allocator statistics; CPU: the profiler's allocation events, whose own allocations would otherwise reshape the heap
+the timed steps allocate from). Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class Turnstile:
 
 
 class StepRecorder(TrainerCallback):
-    """Times every step of one trainer (holding the turnstile for the whole step) and measures step 0's memory.
+    """Times every step of one trainer, holding the turnstile for the whole step.
 
     The turn is handed on only when the trainer is about to start its next step (or ends), so its
     between-step work (logging, fetching the next batch) never overlaps another trainer's timed step.
@@ -69,21 +70,15 @@ class StepRecorder(TrainerCallback):
 
     def __init__(self, turnstile: Turnstile, index: int, device: torch.device, clock):
         self.turnstile, self.index, self.device, self.clock = turnstile, index, device, clock
-        self.times, self.transient_bytes, self._t, self._holding, self._memory = [], None, None, False, None
+        self.times, self._t, self._holding = [], None, False
 
     def on_step_begin(self, args, state, control, **kw):
         if self._holding:
             self.turnstile.pass_on(self.index)
         self.turnstile.wait(self.index)
         self._holding = True
-        if state.global_step == 0:
-            self._memory = StepMemory(self.device).start()
         _sync(self.device)
         self._t = self.clock()
-
-    def on_pre_optimizer_step(self, args, state, control, **kw):
-        if self._memory is not None:
-            self.transient_bytes, self._memory = self._memory.stop(), None
 
     def on_step_end(self, args, state, control, **kw):
         _sync(self.device)
@@ -92,6 +87,21 @@ class StepRecorder(TrainerCallback):
     def release(self):
         self._holding = False
         self.turnstile.pass_on(self.index, finished=True)
+
+
+class FirstStepMemory(TrainerCallback):
+    """The most bytes step 0 allocates on top of what is allocated when it begins, until the optimiser step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.transient_bytes, self._memory = device, None, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == 0:
+            self._memory = StepMemory(self.device).start()
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        if self._memory is not None:
+            self.transient_bytes, self._memory = self._memory.stop(), None
 
 
 class StepMemory:
@@ -159,8 +169,9 @@ def synthetic_batches(tokenizer, n: int, seq_len: int, n_pairs: int):
     return [encode(tokenizer, e, seq_len) for e in examples], encode_pairs(tokenizer, pairs, seq_len).features
 
 
-def make_trainer(mode: str, args):
-    cfg = TrainConfig(model=args.model, output_dir=f"{args.output_dir}/{mode}", max_steps=args.warmup + args.steps,
+def make_trainer(mode: str, args, max_steps: int | None = None):
+    cfg = TrainConfig(model=args.model, output_dir=f"{args.output_dir}/{mode}",
+                      max_steps=max_steps or args.warmup + args.steps,
                       batch_size=args.batch, safety_batch_size=args.safety_pairs, lora_r=args.lora_r,
                       probe_layers=args.probe_layers, bf16=args.bf16, logging_steps=10**6, seed=0, **MODES[mode])
     torch.manual_seed(0)  # the same LoRA initialisation in every mode
@@ -217,9 +228,17 @@ def measure(args) -> dict:
     results = {}
     for mode, (trainer, tokens, cfg), recorder in zip(modes, built, recorders):
         step = cycle_cost(recorder.times, args.warmup, cfg.probe_every if cfg.method == "sap" else 1)
-        peak = resident_bytes(trainer) + recorder.transient_bytes
-        results[mode] = {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak / 2**20}
+        results[mode] = {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak_bytes(mode, args) / 2**20}
     return results
+
+
+def peak_bytes(mode: str, args) -> int:
+    """Resident tensors plus step 0's transient allocations, on a fresh trainer that takes that one step."""
+    trainer, _, _ = make_trainer(mode, args, max_steps=1)
+    memory = FirstStepMemory(trainer.args.device)
+    trainer.add_callback(memory)
+    trainer.train()
+    return resident_bytes(trainer) + memory.transient_bytes
 
 
 def report(results: dict, args, device: str) -> dict:

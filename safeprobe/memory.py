@@ -21,6 +21,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt paramete
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the top of the heap, at most
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed on 64-bit: smaller buffers come from the heap and are reused
 
+
 def keep_freed_memory(one_arena: bool = False) -> bool:
     """Set glibc malloc to keep freed memory. `one_arena`: threads allocate from the main heap too, so that work run
     in a thread (a benchmark's) allocates as the main thread does. Returns whether malloc is so set."""

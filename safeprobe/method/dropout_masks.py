@@ -108,4 +108,3 @@ class _RngWatch:
 
     def mark(self) -> None:
         self.state = torch.get_rng_state()
-
