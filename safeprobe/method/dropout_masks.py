@@ -2,10 +2,10 @@
 
 The perturbed probe pass, the clean probe pass and step 5 run over the same batch from the same RNG state, so
 they draw the same dropout masks (SAP.md D4). On a CPU the draw is not free: LoRA dropout draws one random number
-per input element of every adapted module, about 8% of an SFT step on SmolLM2, and SAP drew the same masks three
-times. Now the perturbed pass `recorded` keeps each `nn.Dropout`'s masks as it draws them (as torch's CPU dropout
-does, bit for bit), and the clean pass and step 5 are `replayed`: each dropout takes its recorded mask instead of
-drawing, and the RNG ends where drawing would have left it. Same numbers, bit for bit (tested).
+per input element of every adapted module, about 8% of an SFT step on SmolLM2, and SAP drew the same masks nearly
+three times. Now the perturbed pass `recorded` keeps each `nn.Dropout`'s masks as it draws them (as torch's CPU
+dropout does, bit for bit), and the clean pass and step 5 are `replayed`: each dropout takes its recorded mask
+instead of drawing, and the RNG ends where drawing would have left it. Same numbers, bit for bit (tested).
 
 That is exact only if those modules draw every random number of the pass. The recording checks that nothing else
 moved the RNG between and after their draws (attention dropout inside a fused kernel would) and keeps nothing
