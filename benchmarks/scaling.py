@@ -42,14 +42,17 @@ def main():
         result = measure(run)
         rows.append({"setting": label, **{**REFERENCE, **change}, "sft_step_s": result["sft"]["step_s"],
                      "sap_step_s": result["sap"]["step_s"], "ratio": result["sap"]["step_s"] / result["sft"]["step_s"],
-                     "mem_ratio": result["sap"]["peak_mb"] / result["sft"]["peak_mb"]})
+                     "mem_ratio": result["sap"]["peak_mb"] / result["sft"]["peak_mb"],
+                     "flop_ratio": result["sap"]["gflop"] / result["sft"]["gflop"]})
         print(f"{label}: SFT {rows[-1]['sft_step_s']:.2f} s, SAP {rows[-1]['sap_step_s']:.2f} s, "
-              f"{rows[-1]['ratio']:.2f}x time, {rows[-1]['mem_ratio']:.2f}x memory", flush=True)
-    print(f"\n| setting ({args.model}, batch {args.batch}) | SFT step | SAP step | SAP / SFT time | SAP / SFT memory |")
-    print("|---|---|---|---|---|")
+              f"{rows[-1]['ratio']:.2f}x time, {rows[-1]['mem_ratio']:.2f}x memory, {rows[-1]['flop_ratio']:.2f}x FLOPs",
+              flush=True)
+    print(f"\n| setting ({args.model}, batch {args.batch}) | SFT step | SAP step | SAP / SFT time | SAP / SFT memory "
+          "| SAP / SFT FLOPs |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['sft_step_s']:.2f} s | {r['sap_step_s']:.2f} s | {r['ratio']:.2f}x "
-              f"| {r['mem_ratio']:.2f}x |")
+              f"| {r['mem_ratio']:.2f}x | {r['flop_ratio']:.2f}x |")
     print(json.dumps({"model": args.model, "batch": args.batch, "steps": args.steps, "n_layers": n_layers,
                       "rows": rows}))
 

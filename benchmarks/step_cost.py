@@ -11,7 +11,10 @@ k phases of a cycle of the median at each phase, i.e. what a step costs on avera
 the timing on a fresh trainer per mode that takes one step: its resident tensors (weights, buffers, optimiser
 state) plus the most its step (a refresh in every mode) allocated on top of them before the optimiser step (CUDA:
 allocator statistics; CPU: the profiler's allocation events, whose own allocations would otherwise reshape the heap
-the timed steps allocate from). Prints a table and, last, one JSON line.
+the timed steps allocate from). FLOPs, counted on that same fresh trainer over the steps after its first (whose
+one-off checks would inflate it), a whole refresh cycle for an amortised mode: torch's FLOP counter, i.e. the
+matrix products and attention, which is the arithmetic floor that no implementation of the same passes goes below.
+Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import ProgressCallback, TrainerCallback
 
 from safeprobe.data import Example, SafetyPair
@@ -102,6 +106,38 @@ class FirstStepMemory(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kw):
         if self._memory is not None:
             self.transient_bytes, self._memory = self._memory.stop(), None
+
+
+class StepFlops(TrainerCallback):
+    """FLOPs of each step from `first` on (torch's FLOP counter, with the CPU attention kernels added)."""
+
+    def __init__(self, first: int):
+        self.first, self.flops, self._counter = first, [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step >= self.first:
+            self._counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+            self._counter.__enter__()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops.append(self._counter.get_total_flops())
+            self._counter = None
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter knows the GPU attention kernels only; these count the CPU one the same way (no causal discount)
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                           _cpu_attention_backward_flops}
 
 
 class StepMemory:
@@ -228,37 +264,44 @@ def measure(args) -> dict:
     results = {}
     for mode, (trainer, tokens, cfg), recorder in zip(modes, built, recorders):
         step = cycle_cost(recorder.times, args.warmup, cfg.probe_every if cfg.method == "sap" else 1)
-        results[mode] = {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak_bytes(mode, args) / 2**20}
+        peak, flops = fresh_costs(mode, args)
+        results[mode] = {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak / 2**20, "gflop": flops / 1e9}
     return results
 
 
-def peak_bytes(mode: str, args) -> int:
-    """Resident tensors plus step 0's transient allocations, on a fresh trainer that takes that one step."""
-    trainer, _, _ = make_trainer(mode, args, max_steps=1)
-    memory = FirstStepMemory(trainer.args.device)
+def fresh_costs(mode: str, args) -> tuple[int, float]:
+    """On a fresh trainer: peak bytes (resident tensors plus step 0's transient allocations) and FLOPs per step
+    (the mean over the next refresh cycle: one step, or k for an amortised mode)."""
+    cycle = MODES[mode].get("probe_every", 1)
+    trainer, _, _ = make_trainer(mode, args, max_steps=1 + cycle)
+    memory, flops = FirstStepMemory(trainer.args.device), StepFlops(first=1)
     trainer.add_callback(memory)
+    trainer.add_callback(flops)
     trainer.train()
-    return resident_bytes(trainer) + memory.transient_bytes
+    return resident_bytes(trainer) + memory.transient_bytes, statistics.mean(flops.flops)
 
 
 def report(results: dict, args, device: str) -> dict:
     sft = results["sft"]
-    print(f"{'mode':<10} {'step s':>8} {'tok/s':>9} {'peak MB':>9} {'x SFT time':>10} {'x SFT mem':>9}")
+    print(f"{'mode':<10} {'step s':>8} {'tok/s':>9} {'peak MB':>9} {'GFLOP':>9} {'x SFT time':>10} {'x SFT mem':>9} "
+          f"{'x SFT FLOP':>10}")
     for mode, r in results.items():
-        print(f"{mode:<10} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['peak_mb']:>9.1f} "
-              f"{r['step_s'] / sft['step_s']:>10.2f} {r['peak_mb'] / sft['peak_mb']:>9.2f}")
+        print(f"{mode:<10} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['peak_mb']:>9.1f} {r['gflop']:>9.1f} "
+              f"{r['step_s'] / sft['step_s']:>10.2f} {r['peak_mb'] / sft['peak_mb']:>9.2f} "
+              f"{r['gflop'] / sft['gflop']:>10.2f}")
     summary = {"model": args.model, "device": device, "dtype": "bf16" if args.bf16 else "fp32",
                "threads": torch.get_num_threads(), "clock": args.clock, "seq_len": args.seq_len, "batch": args.batch,
                "safety_pairs": args.safety_pairs, "lora_r": args.lora_r, "probe_layers": args.probe_layers,
                "steps": args.steps, "warmup": args.warmup, "keep_freed_memory": args.keep_freed_memory,
-               "sft_step_s": sft["step_s"], "sft_peak_mb": sft["peak_mb"]}
+               "sft_step_s": sft["step_s"], "sft_peak_mb": sft["peak_mb"], "sft_gflop": sft["gflop"]}
     for mode, r in results.items():
         if mode != "sft":
             summary[f"{mode}_step_s"] = r["step_s"]
             summary[f"ratio_{mode}_sft"] = r["step_s"] / sft["step_s"]
             summary[f"peak_mem_ratio_{mode}"] = r["peak_mb"] / sft["peak_mb"]
+            summary[f"flop_ratio_{mode}"] = r["gflop"] / sft["gflop"]
     if "sap" in results:
-        summary["peak_mem_ratio"] = summary["peak_mem_ratio_sap"]
+        summary["peak_mem_ratio"], summary["flop_ratio"] = summary["peak_mem_ratio_sap"], summary["flop_ratio_sap"]
     return summary
 
 

@@ -41,3 +41,41 @@ def test_step_cost_accepts_a_multiple_of_the_refresh_cycle(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["step_cost.py", "--steps", "12"])
     with pytest.raises(RuntimeError, match="measuring 12 steps"):  # reached the measurement with the settings given
         step_cost.main()
+
+
+def test_step_cost_counts_the_cpu_attention_kernels_as_torch_counts_attention():
+    """torch's FLOP counter knows only the GPU attention kernels; the benchmark adds the CPU one with torch's own
+    formula: 4 b h s_q s_k d forward (QK^T and PV), 2.5 times that backward (the scores recomputed, then four
+    gradient products); grouped-query heads are broadcast."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step_cost = load("step_cost")
+    b, h, h_kv, s, d = 2, 4, 2, 16, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k, v = torch.randn(b, h_kv, s, d), torch.randn(b, h_kv, s, d)
+    with FlopCounterMode(display=False) as plain:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    with FlopCounterMode(display=False, custom_mapping=step_cost.CPU_ATTENTION_FLOPS) as counted:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    forward = 4 * b * h * s * s * d
+    assert plain.get_total_flops() == 0  # the gap this closes: the CPU kernel is not in torch's table
+    assert counted.get_total_flops() == forward + 5 * forward // 2
+
+
+def test_step_flops_counts_each_step_from_the_first_asked_for():
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    step_cost = load("step_cost")
+    recorder, state, a, w = step_cost.StepFlops(first=1), TrainerState(), torch.randn(3, 5), torch.randn(5, 7)
+    q = torch.randn(1, 2, 4, 8)
+    for step in range(3):
+        state.global_step = step
+        recorder.on_step_begin(None, state, TrainerControl())
+        for _ in range(step + 1):
+            a @ w
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # CPU attention counted too
+        recorder.on_step_end(None, state, TrainerControl())
+    matmul, attention = 2 * 3 * 5 * 7, 4 * 1 * 2 * 4 * 4 * 8
+    assert recorder.flops == [2 * matmul + attention, 3 * matmul + attention]  # step 0 not counted
