@@ -20,12 +20,13 @@ def train(tmp_path, name, **overrides):
     return run_train(cfg), load_file(str(tmp_path / name / "adapter_model.safetensors"))
 
 
-def test_sap_with_zero_eps_produces_the_sft_adapter_exactly(tmp_path):
+def test_sap_with_zero_eps_or_zero_beta_produces_the_sft_adapter_exactly(tmp_path):
     _, sft = train(tmp_path, "sft", method="sft")
     info, sap = train(tmp_path, "sap0", method="sap", eps=0.0)
+    _, sap_beta0 = train(tmp_path, "sap_beta0", method="sap", eps=0.05, beta=0.0)  # a real g_V, a zero step along it
     _, sap_moving = train(tmp_path, "sap", method="sap", eps=0.05, beta=5.0)
-    assert sft.keys() == sap.keys()
-    assert all(torch.equal(sft[k], sap[k]) for k in sft)
+    assert sft.keys() == sap.keys() == sap_beta0.keys()
+    assert all(torch.equal(sft[k], sap[k]) and torch.equal(sft[k], sap_beta0[k]) for k in sft)
     assert any(not torch.equal(sft[k], sap_moving[k]) for k in sft)  # nonzero eps does change the adapter
     assert not any("probe" in k for k in sap_moving)  # probe tensors are never saved
     assert any("lora_B" in k and sft[k].abs().sum() > 0 for k in sft)  # the adapter was trained

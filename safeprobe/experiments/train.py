@@ -100,8 +100,9 @@ class TrainConfig:
     probe_every: int = _help("SAP: recompute the probe every K steps", SAPConfig.probe_every)
     sap_mode: str = _help("SAP: paper (Algorithm 1) or reference (the authors' lagged schedule)", SAPConfig.mode)
     probe_lr: float = _help("SAP reference mode: probe AdamW learning rate", SAPConfig.probe_lr)
-    safety_batch_size: int = _help("SAP: safety pairs per safety batch (s is their gradient; a batch larger than "
-                                   "batch_size runs in chunks of batch_size pairs)", 8)
+    safety_batch_size: int | None = _help("SAP: safety pairs per safety batch (s is their gradient; default "
+                                          "batch_size // 2, as many safety sequences as task examples; a batch "
+                                          "larger than batch_size runs in chunks of batch_size pairs)")
     # Lisa
     rho: float = _help("Lisa: strength of the proximal term towards the other state's weights", 1.0)
     lisa_align_steps: int = _help("Lisa: optimiser steps on alignment data per cycle", 10)
@@ -113,7 +114,7 @@ class TrainConfig:
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
         for name, low in MINIMUMS.items():
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
         check_run_settings(self)
         if self.rho < 0:
