@@ -364,7 +364,12 @@ def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(m
     assert torch.equal(mask, expected_mask) and torch.equal(logp, expected)
 
 
-def test_a_safety_batch_larger_than_the_task_batch_runs_in_chunks_of_the_task_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size, safety_batch_size, chunks", [
+    (2, 5, [2, 2, 1]),  # larger than the task batch: chunks of the task batch
+    (4, None, [2]),  # the default (the CLI's and SAPTrainer's): half the task batch, as many sequences as examples
+])
+def test_a_safety_batch_larger_than_the_task_batch_runs_in_chunks_of_the_task_batch(
+        tmp_path, monkeypatch, batch_size, safety_batch_size, chunks):
     from safeprobe.method import sap_trainer
     sizes = []
     original = sap_trainer.safety_direction
@@ -373,8 +378,9 @@ def test_a_safety_batch_larger_than_the_task_batch_runs_in_chunks_of_the_task_ba
         return original(model, params, chunks, *args)
     monkeypatch.setattr(sap_trainer, "safety_direction", recording)
     run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=10, max_steps=2,
-                          batch_size=2, safety_batch_size=5, max_length=96, output_dir=str(tmp_path / "out")))
-    assert sizes == [[2, 2, 1], [2, 2, 1]]
+                          batch_size=batch_size, safety_batch_size=safety_batch_size, max_length=96,
+                          output_dir=str(tmp_path / "out")))
+    assert sizes == [chunks, chunks]
 
 
 def test_recorded_dropout_masks_are_torchs_own_and_replay_without_drawing():
