@@ -368,7 +368,7 @@ def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(m
     (2, 5, [2, 2, 1]),  # larger than the task batch: chunks of the task batch
     (4, None, [2]),  # the default (the CLI's and SAPTrainer's): half the task batch, as many sequences as examples
 ])
-def test_a_safety_batch_larger_than_the_task_batch_runs_in_chunks_of_the_task_batch(
+def test_the_safety_batch_defaults_to_half_the_task_batch_and_runs_in_chunks_of_at_most_the_task_batch(
         tmp_path, monkeypatch, batch_size, safety_batch_size, chunks):
     from safeprobe.method import sap_trainer
     sizes = []
