@@ -377,10 +377,11 @@ def test_the_safety_batch_defaults_to_half_the_task_batch_and_runs_in_chunks_of_
         sizes.append([chunk["n_pairs"] for chunk in chunks])
         return original(model, params, chunks, *args)
     monkeypatch.setattr(sap_trainer, "safety_direction", recording)
-    run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=10, max_steps=2,
-                          batch_size=batch_size, safety_batch_size=safety_batch_size, max_length=96,
-                          output_dir=str(tmp_path / "out")))
+    info = run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=10, max_steps=2,
+                                 batch_size=batch_size, safety_batch_size=safety_batch_size, max_length=96,
+                                 output_dir=str(tmp_path / "out")))
     assert sizes == [chunks, chunks]
+    assert info["config"]["safety_batch_size"] == sum(chunks)  # the manifest records the size the run used
 
 
 def test_recorded_dropout_masks_are_torchs_own_and_replay_without_drawing():

@@ -23,6 +23,7 @@ from ..io import FILE_MODE, check_output_dir, output_lock, write_json
 from ..method import TRAINERS, SAPConfig
 from ..method.diagnostics import attach_diagnostics
 from ..method.sap import MODES as SAP_MODES
+from ..method.sap_trainer import default_safety_batch_size
 from ..model import load_model, make_trainable
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
@@ -113,8 +114,10 @@ class TrainConfig:
                             ("report_to", REPORT_TO), ("sap_mode", SAP_MODES)):
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
+        if self.safety_batch_size is None:  # resolved here, so that run.json records what the run used
+            self.safety_batch_size = default_safety_batch_size(self.batch_size)
         for name, low in MINIMUMS.items():
-            if getattr(self, name) is not None and getattr(self, name) < low:
+            if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
         check_run_settings(self)
         if self.rho < 0:

@@ -28,6 +28,12 @@ from .shared_forward import SharedLowerForward
 from .shared_prompt import SharedPromptPass
 
 
+def default_safety_batch_size(task_batch_size: int) -> int:
+    """Safety pairs per step when none is given: as many safety sequences (a safe and a harmful answer per pair) as
+    task examples, so that step 1 costs about one task batch."""
+    return max(1, task_batch_size // 2)
+
+
 class SAPTrainer(SafeprobeTrainer):
     method_name = "sap"
 
@@ -49,8 +55,7 @@ class SAPTrainer(SafeprobeTrainer):
         # step 1 runs each safety pair's prompt once for both answers, the pairs packed into few rows (checked
         # against the padded batch once; no KV cache, so gradient checkpointing keeps it)
         self._shared_prompt = SharedPromptPass()
-        # default: as many safety sequences (safe + harmful) as task examples, so step 1 costs one task batch
-        safety_batch_size = safety_batch_size or max(1, self.args.per_device_train_batch_size // 2)
+        safety_batch_size = safety_batch_size or default_safety_batch_size(self.args.per_device_train_batch_size)
         self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
         # a larger safety batch runs in chunks of at most one task batch of pairs: the memory of a task step
         self._safety_chunk = max(1, self.args.per_device_train_batch_size)
