@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from step_cost import measure
 
+from safeprobe.method.sap_trainer import default_safety_batch_size
 from safeprobe.model import load_model, model_summary
 
 REFERENCE = dict(seq_len=128, probe_layers="middle", lora_r=8)
@@ -36,7 +37,7 @@ def main():
     n_layers = model_summary(load_model(args.model)[0])["n_layers"]
     rows = []
     for label, change in settings(n_layers):
-        run = SimpleNamespace(model=args.model, batch=args.batch, safety_pairs=max(1, args.batch // 2),
+        run = SimpleNamespace(model=args.model, batch=args.batch, safety_pairs=default_safety_batch_size(args.batch),
                               steps=args.steps, warmup=1, bf16=False, clock="wall", modes="sft,sap",
                               output_dir=args.output_dir, **{**REFERENCE, **change})
         result = measure(run)

@@ -32,6 +32,7 @@ from transformers import ProgressCallback, TrainerCallback
 from safeprobe.data import Example, SafetyPair
 from safeprobe.data.tokenize import encode, encode_pairs
 from safeprobe.experiments.train import TrainConfig, build_trainer, prepare_model
+from safeprobe.method.sap_trainer import default_safety_batch_size
 from safeprobe.memory import keep_freed_memory
 
 MODES = {"sft": dict(method="sft"), "sap": dict(method="sap"),
@@ -338,7 +339,7 @@ def main():
     p.add_argument("--output-dir", default="runs/bench")
     args = p.parse_args()
     check_args(p, args)
-    args.safety_pairs = args.safety_pairs or max(1, args.batch // 2)
+    args.safety_pairs = args.safety_pairs or default_safety_batch_size(args.batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = measure(args)
