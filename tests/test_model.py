@@ -270,8 +270,8 @@ def test_apply_lora_defaults(name, tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loading an adapter prints nothing the user should act on
-        loaded = load_adapter(load_model(name)[0], tmp_path)
-    assert not loaded.training
+        loaded, base_check = load_adapter(load_model(name)[0], tmp_path)
+    assert not loaded.training and base_check["status"] == "unchecked"  # saved without safeprobe's base record
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(trainable, (
         (n, p) for n, p in loaded.named_parameters() if "lora_" in n)))
     with pytest.raises(UserError, match="no adapter_config.json"):

@@ -47,7 +47,7 @@ def step_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         assert proc.poll() is None, f"training exited ({proc.returncode}) before writing {path}: " \
@@ -89,7 +89,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
     # the figures cover the whole run: the steps before the checkpoint count in its loss and its time
     assert info["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
     before = json.loads((out / "checkpoint-2" / STATE_JSON).read_text())["wall_time_s"]
-    assert 0 < before < info["wall_time_s"]
+    assert info["wall_time_s"] >= round(before, 2)  # the time before the checkpoint is counted in
     whole, resumed = adapter(tmp_path / "whole"), adapter(out)
     diff = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
     print(f"\n{method}: resumed at step 2 of 4, max |adapter difference| = {diff:.3g}")

@@ -27,6 +27,8 @@ class EvalConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "answer length cap"})
     batch_size: int = field(default=32, metadata={"help": "generation batch size"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    allow_base_mismatch: bool = field(default=False, metadata={
+        "help": "apply the adapter even if it was trained on another base model (recorded in eval.json)"})
     output_dir: str = field(default="runs/eval", metadata={"help": "where eval.json, eval.md and "
                                                                    "generations.jsonl go"})
 
@@ -35,7 +37,8 @@ def run_eval_command(cfg: EvalConfig, console: Console) -> None:
     from ..evaluation import run_eval
     from ..evaluation.report import markdown
     result = run_eval(cfg.model, cfg.adapter, _names(cfg.suite, "suite"), _names(cfg.judge, "judge"), cfg.limit,
-                      cfg.output_dir, cfg.max_new_tokens, cfg.batch_size, cfg.dtype)
+                      cfg.output_dir, cfg.max_new_tokens, cfg.batch_size, cfg.dtype,
+                      allow_base_mismatch=cfg.allow_base_mismatch)
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
     console.print(f"written to {cfg.output_dir}/eval.json, eval.md, generations.jsonl")
 

@@ -130,8 +130,10 @@ def test_loss(model, tokenizer, examples, batch_size: int = 16) -> float | None:
 
 def run_eval(model_spec: str, adapter: str | None = None, suites=DEFAULT_SUITES, judges=DEFAULT_JUDGES,
              limit: int | None = None, output_dir: str = "runs/eval", max_new_tokens: int = 128,
-             batch_size: int = 32, dtype: str = "float32", progress: bool = True) -> dict:
-    """Load `model_spec` (+ a PEFT adapter), evaluate, and write DIR/eval.json, eval.md, generations.jsonl."""
+             batch_size: int = 32, dtype: str = "float32", progress: bool = True,
+             allow_base_mismatch: bool = False) -> dict:
+    """Load `model_spec` (+ a PEFT adapter, checked to have been trained on that base unless
+    `allow_base_mismatch`), evaluate, and write DIR/eval.json, eval.md, generations.jsonl."""
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -142,9 +144,10 @@ def run_eval(model_spec: str, adapter: str | None = None, suites=DEFAULT_SUITES,
     check_output_dir(output_dir)  # before the model loads and the answers are generated
     from ..model import load_model
     model, tokenizer = load_model(model_spec, dtype=dtype)
+    base_check = None
     if adapter:
-        model = load_adapter(model, adapter)
+        model, base_check = load_adapter(model, adapter, model_spec, allow_base_mismatch)
     result, rows = _evaluate(model, tokenizer, suite_objs, judge_objs, limit, max_new_tokens, batch_size, progress)
-    result = {"model": {"spec": model_spec, "adapter": adapter, "dtype": dtype}, **result}
+    result = {"model": {"spec": model_spec, "adapter": adapter, "dtype": dtype, "base_check": base_check}, **result}
     write_report(output_dir, result, rows)
     return result

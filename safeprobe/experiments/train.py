@@ -25,6 +25,7 @@ from ..method.diagnostics import attach_diagnostics
 from ..method.sap import MODES as SAP_MODES
 from ..method.sap_trainer import default_safety_batch_size
 from ..model import load_model, make_trainable
+from ..model.identity import base_identity, write_record
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
 
@@ -162,10 +163,15 @@ def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
 
 
 def prepare_model(cfg: TrainConfig):
+    """The model to train, with its tokenizer."""
     model, tokenizer = load_model(cfg.model)
+    return trainable(cfg, model), tokenizer
+
+
+def trainable(cfg: TrainConfig, model):
+    """`model` made trainable as `cfg` says: LoRA adapters, or every parameter."""
     targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
-    model = make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
-    return model, tokenizer
+    return make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
 
 
 def training_arguments(cfg: TrainConfig, out: Path) -> TrainingArguments:
@@ -296,7 +302,9 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     set_seed(cfg.seed)
     examples, counts = task_examples(cfg)
     records = method_records(cfg)
-    model, tokenizer = prepare_model(cfg)
+    model, tokenizer = load_model(cfg.model)
+    base = base_identity(model, cfg.model)  # recorded with the adapter: it is checked wherever it is loaded
+    model = trainable(cfg, model)
     encoded = encode_all(tokenizer, examples, cfg.max_length)
     if not encoded.features:
         raise UserError(f"{cfg.task}: every example is longer than max_length={cfg.max_length}")
@@ -307,11 +315,14 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     if hasattr(trainer, "probe"):
         trainer.probe.remove()  # the deployed model is f_W: no probe in what we save
     save_model(trainer.model, out)
+    if cfg.lora_r:
+        write_record(out, base)
     # a resumed run's figures cover its whole trajectory: the time and the logged steps before the checkpoint too
     info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data={**data, **counts},
                     dropped_examples=encoded.dropped, n_train=len(trainer.train_dataset),
                     train_loss=_logged_mean_loss(out) if checkpoint else result.training_loss,
                     global_steps=result.global_step, resumed_from=str(checkpoint) if checkpoint else None,
+                    base_model={k: v for k, v in base.items() if k != "weights_signature"},
                     wall_time_s=round(time.time() - start + trainer.wall_time_before_s, 2))
     write_json(out / "run.json", info)
     return info

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
+from .identity import check_base
 from .layers import decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,17 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.05,
         raise UserError(f"cannot apply LoRA: {e}") from None
 
 
-def load_adapter(model, adapter: str | Path) -> PeftModel:
-    """`model` with the saved PEFT adapter in folder `adapter`, in eval mode."""
+def load_adapter(model, adapter: str | Path, spec: str | None = None,
+                 allow_base_mismatch: bool = False) -> tuple[PeftModel, dict]:
+    """`model` with the saved PEFT adapter in folder `adapter`, in eval mode, and the check of `model` (loaded from
+    `spec`, default its name_or_path) against the base the adapter was trained on (see `identity.check_base`)."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"adapter '{adapter}': no adapter_config.json there (expected a PEFT adapter directory)")
+    base_check = check_base(model, spec or model.name_or_path, adapter, allow_base_mismatch)
+    return _apply_adapter(model, adapter), base_check
+
+
+def _apply_adapter(model, adapter: str | Path) -> PeftModel:
     try:
         with _quiet_peft():
             return PeftModel.from_pretrained(model, str(adapter)).eval()
