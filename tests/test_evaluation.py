@@ -286,7 +286,8 @@ def test_run_eval_loads_spec_and_adapter(prompts_file, tmp_path):
                       judges=["keyword"], limit=2, output_dir=str(tmp_path / "out"), max_new_tokens=3,
                       progress=False)
     assert result["model"] == {"spec": "tiny-random-llama", "adapter": str(tmp_path / "adapter"),
-                               "dtype": "float32"}
+                               "dtype": "float32", "base_check": {"status": "unchecked",
+                                                                  "reason": "no base_model.json in the adapter folder"}}
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["suites"][str(prompts_file)]["n"] == 2
     with pytest.raises(UserError, match="adapter_config.json"):
         run_eval("tiny-random-llama", adapter=str(tmp_path), suites=[str(prompts_file)], limit=1,
