@@ -25,9 +25,10 @@ def full_model(name="tiny-random-llama"):
     return prepare_full_finetune(model.to(torch.float64)).train(), tokenizer
 
 
-def trainer(cls, model, tokenizer, tmp_path, **kwargs):
-    args = TrainingArguments(str(tmp_path / "t"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
-                             remove_unused_columns=False)
+def trainer(cls, model, tokenizer, tmp_path, knobs=None, **kwargs):
+    """A `cls` trainer for single training steps; `knobs`: the method's config fields."""
+    args = cls.config_class(str(tmp_path / "t"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
+                            remove_unused_columns=False, **(knobs or {}))
     t = cls(model=model, args=args, train_dataset=[{"input_ids": [1], "labels": [1]}], processing_class=tokenizer,
             data_collator=collator(tokenizer), **kwargs)
     t.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
@@ -73,7 +74,7 @@ def test_vaccine_adds_rho_g_over_norm_to_every_layer_output_then_removes_its_hoo
     expected = plain_gradients(model, batch)
     for h in handles:
         h.remove()
-    got = gradients_of_step(trainer(VaccineTrainer, model, tokenizer, tmp_path, rho=rho), model, batch)
+    got = gradients_of_step(trainer(VaccineTrainer, model, tokenizer, tmp_path, {"rho": rho}), model, batch)
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, expected))
     assert not any(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(plain_gradients(model, batch), got)
                    if a.abs().max() > 0)  # the perturbation changed every gradient that is not zero
@@ -87,7 +88,7 @@ def test_vaccine_adds_rho_g_over_norm_to_every_layer_output_then_removes_its_hoo
 def test_vaccine_with_rho_zero_is_the_plain_gradient_bit_for_bit(tmp_path):
     model, tokenizer = full_model()
     batch = task_batch(tokenizer)
-    got = gradients_of_step(trainer(VaccineTrainer, model, tokenizer, tmp_path, rho=0.0), model, batch)
+    got = gradients_of_step(trainer(VaccineTrainer, model, tokenizer, tmp_path, {"rho": 0.0}), model, batch)
     assert all(torch.equal(a, b) for a, b in zip(got, plain_gradients(model, batch)))
 
 
@@ -99,7 +100,8 @@ def harmful_features(tokenizer):
 def test_booster_with_lambda_zero_is_the_plain_gradient_bit_for_bit(tmp_path):
     model, tokenizer = full_model()
     batch = task_batch(tokenizer)
-    t = trainer(BoosterTrainer, model, tokenizer, tmp_path, harmful_dataset=harmful_features(tokenizer), lamb=0.0)
+    t = trainer(BoosterTrainer, model, tokenizer, tmp_path, {"booster_lambda": 0.0},
+                harmful_dataset=harmful_features(tokenizer))
     got = gradients_of_step(t, model, batch)
     assert all(torch.equal(a, b) for a, b in zip(got, plain_gradients(model, batch)))
 
@@ -119,8 +121,8 @@ def test_booster_gradient_is_the_papers_first_order_formula_and_weights_come_bac
     expected = [a + lamb * (b - c) for a, b, c in zip(plain_gradients(model, batch), g1, g2)]
     before = [p.detach().clone() for p in model.parameters()]
     # the whole harmful set (3 rows) is one harmful batch, so the trainer sees the same data
-    t = trainer(BoosterTrainer, model, tokenizer, tmp_path, harmful_dataset=harmful_features(tokenizer), lamb=lamb,
-                alpha=alpha)
+    t = trainer(BoosterTrainer, model, tokenizer, tmp_path, {"booster_lambda": lamb, "booster_alpha": alpha},
+                harmful_dataset=harmful_features(tokenizer))
     got = gradients_of_step(t, model, batch)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # restored bit for bit
     assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-11) for a, b in zip(got, expected))
@@ -297,7 +299,7 @@ def test_an_interrupted_alignment_resumes_from_its_last_checkpoint(home, tmp_pat
 def test_alignment_batches_come_from_the_random_order_sampler_and_each_epoch_reshuffles(tmp_path):
     """The Trainer asks the sampler for a new order every epoch (set_epoch): two epochs, two different orders."""
     from safeprobe.data.sampling import LengthGroupedBatches
-    from safeprobe.method import SFTTrainer
+    from safeprobe.method import SafeprobeTrainer
     model, tokenizer = full_model()
     features = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 9, 4, 8, 5, 7, 6, 2)]
     args = TrainingArguments(str(tmp_path / "t"), per_device_train_batch_size=2, num_train_epochs=2, report_to=[],
@@ -307,7 +309,7 @@ def test_alignment_batches_come_from_the_random_order_sampler_and_each_epoch_res
     def collate(batch):
         seen.append(sorted(len(f["input_ids"]) for f in batch))
         return collator(tokenizer)(batch)
-    t = SFTTrainer(model=model, args=args, train_dataset=features, processing_class=tokenizer, data_collator=collate)
+    t = SafeprobeTrainer(model=model, args=args, train_dataset=features, processing_class=tokenizer, data_collator=collate)
     assert isinstance(t._get_train_sampler(), LengthGroupedBatches)
     t.train()
     assert len(seen) == 8 and all(hi - lo == 1 for lo, hi in seen)  # neighbours in length share a batch

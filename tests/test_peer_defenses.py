@@ -29,7 +29,7 @@ def test_safeinstr_mixes_the_demonstrations_into_the_task_data(tmp_path):
     model, tokenizer = train_module.prepare_model(cfg)
     task = [{"input_ids": [1, 2], "labels": [-100, 2]}]
     trainer = train_module.build_trainer(cfg, model, tokenizer, task, tmp_path / "run")
-    assert len(trainer.train_dataset) == 1 + 3 and trainer.train_dataset[0] is task[0]
+    assert len(trainer.train_dataset) == 1 + 3 and trainer.train_dataset[0] == task[0]
     refusal = tokenizer("I can't help with that.", add_special_tokens=False)["input_ids"]
     demo = trainer.train_dataset[1]
     answer = [t for t, y in zip(demo["input_ids"], demo["labels"]) if y != -100]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
+from trl import SFTTrainer
 
 import safeprobe.experiments.train as train_module
 from safeprobe.cli.main import main
@@ -171,12 +172,12 @@ def nan_on_calls(function, calls: set, poison):
 
 
 @pytest.mark.parametrize("method, target, reason", [
-    ("sft", "response_loss", "task loss, gradient"),
+    ("sft", "compute_loss", "task loss, gradient"),
     ("sap", "safety_direction", "safety direction"),
     ("sap", "probe_gradient", "probe gradient"),
 ])
 def test_a_nan_step_is_skipped_and_logged(tmp_path, monkeypatch, snapshots, method, target, reason):
-    module, poison = (base, poison_loss) if target == "response_loss" else (sap_trainer, poison_first)
+    module, poison = (SFTTrainer, poison_loss) if target == "compute_loss" else (sap_trainer, poison_first)
     monkeypatch.setattr(module, target, nan_on_calls(getattr(module, target), {2}, poison))
     info = run_train(TrainConfig(output_dir=str(tmp_path / "out"), **settings(tmp_path, method, max_steps=3)))
     assert info["global_steps"] == 3
@@ -193,7 +194,8 @@ def test_a_nan_step_is_skipped_and_logged(tmp_path, monkeypatch, snapshots, meth
 
 
 def test_too_many_bad_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(base, "response_loss", nan_on_calls(base.response_loss, set(range(3, 100)), poison_loss))
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_on_calls(SFTTrainer.compute_loss, set(range(3, 100)),
+                                                                 poison_loss))
     out = tmp_path / "out"
     values = settings(tmp_path, "sft", max_steps=6, max_bad_steps=2)
     code = main(["train", *flags(values), "--output-dir", str(out)])

@@ -249,12 +249,12 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     features, counts = training_features(tokenizer, refusals, answers, cfg.max_length)
     counts.update({f"n_{name}_prompts": len(bucket) for name, bucket in prompts.items()})
     model = make_trainable(model, cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, target_modules="all-linear")
-    args = training_arguments(cfg, out)
+    args = training_arguments(cfg, out, ALIGNERS[cfg.method])
     args.train_sampling_strategy = "group_by_length"
     trainer = ALIGNERS[cfg.method](
         model=model, args=args, train_dataset=features,
         data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
-        max_bad_steps=cfg.max_bad_steps, **method_kwargs(cfg, tokenizer, harmful))
+        **method_kwargs(cfg, tokenizer, harmful))
     train_loss, steps, resume = _train(trainer, cfg, out)
     summary = model_summary(trainer.model)  # what trained: with LoRA, the adapters
     save_model(trainer.model.merge_and_unload() if cfg.lora_r else trainer.model, out)
@@ -413,13 +413,11 @@ def booster_pairs(cfg: AlignConfig) -> list:
 def method_kwargs(cfg: AlignConfig, tokenizer, pairs: list | None = None) -> dict:
     """The arguments a method's trainer takes beyond the Trainer's own (`pairs`: Booster's `booster_pairs`, read
     here unless given)."""
-    if cfg.method == "vaccine":
-        return dict(rho=cfg.rho, norm=cfg.vaccine_norm)
     if cfg.method == "booster":
         pairs = booster_pairs(cfg) if pairs is None else pairs
         harmful = encode_all(tokenizer, [Example(p.messages, p.harmful) for p in pairs], cfg.max_length,
                              "harmful examples").features
         if not harmful:
             raise UserError(f"{cfg.harmful_data}: no harmful examples within max_length={cfg.max_length}")
-        return dict(harmful_dataset=harmful, lamb=cfg.booster_lambda, alpha=cfg.booster_alpha)
+        return dict(harmful_dataset=harmful)
     return {}

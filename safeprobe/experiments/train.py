@@ -20,17 +20,25 @@ from ..data import fingerprint, load_examples, load_pairs, sample
 from ..data.tokenize import collator, encode_all, encode_pairs
 from ..errors import UserError, check_seed
 from ..io import FILE_MODE, check_output_dir, output_lock, write_json
-from ..method import TRAINERS, SAPConfig
+from ..method import TRAINERS, SafeprobeConfig, SAPConfig
 from ..method.diagnostics import attach_diagnostics
 from ..method.sap import MODES as SAP_MODES
-from ..method.sap_trainer import default_safety_batch_size
+from ..method.sap import default_safety_batch_size
 from ..model import load_model, make_trainable
 from ..model.identity import base_identity, write_record
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
 
 log = logging.getLogger(__name__)
-SAP_FIELDS = [f.name for f in dataclasses.fields(SAPConfig)]
+
+
+def method_fields(config_class) -> list[str]:
+    """The fields a method's config adds to SafeprobeConfig's: its own knobs."""
+    shared = {f.name for f in dataclasses.fields(SafeprobeConfig)}
+    return [f.name for f in dataclasses.fields(config_class) if f.name not in shared]
+
+
+SAP_FIELDS = method_fields(SAPConfig)
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -134,7 +142,7 @@ class TrainConfig:
 
     def sap_config(self) -> SAPConfig:
         values = {name: getattr(self, name) for name in SAP_FIELDS if name != "mode"}
-        return SAPConfig(mode=self.sap_mode, **values)
+        return SAPConfig(output_dir=self.output_dir, mode=self.sap_mode, **values)
 
 
 def data_fingerprints(cfg: TrainConfig) -> dict:
@@ -174,15 +182,23 @@ def trainable(cfg: TrainConfig, model):
     return make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
 
 
-def training_arguments(cfg: TrainConfig, out: Path) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(out), seed=cfg.seed, data_seed=cfg.seed, learning_rate=cfg.lr,
+def training_arguments(cfg, out: Path, trainer_class=None):
+    """The method's config (`trainer_class.config_class`, default that of `cfg.method`'s trainer) from `cfg`: the
+    training arguments, and the method's own knobs under their names in `cfg`. The features are tokenised and
+    truncated by safeprobe already, so TRL's dataset preparation is skipped."""
+    config_class = (trainer_class or TRAINERS[cfg.method]).config_class
+    names = {"mode": "sap_mode"}  # the config's name for a knob -> its name in cfg, where they differ
+    values = {name: getattr(cfg, names.get(name, name)) for name in method_fields(config_class)
+              if hasattr(cfg, names.get(name, name))}
+    return config_class(
+        **values, output_dir=str(out), seed=cfg.seed, data_seed=cfg.seed, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False, max_length=cfg.max_length,
+        max_bad_steps=cfg.max_bad_steps, dataset_kwargs={"skip_prepare_dataset": True},
         use_cpu=not torch.cuda.is_available())
 
 
@@ -232,21 +248,18 @@ def method_kwargs(cfg: TrainConfig, tokenizer, safety=None, records: list | None
     """The arguments a method's trainer takes beyond the Trainer's own. `records`: the method's `method_records`
     (read here unless given); `safety`: SAP's pairs already encoded, from callers that encoded them."""
     if cfg.method == "sap":
-        return dict(sap_config=cfg.sap_config(), safety_batch_size=cfg.safety_batch_size,
-                    safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer, records))
+        return dict(safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer, records))
     if cfg.method == "safeinstr":
         return dict(safety_demos=safety_demos(cfg, tokenizer, records))
     if cfg.method == "lisa":
-        return dict(alignment_dataset=safety_demos(cfg, tokenizer, records), rho=cfg.rho,
-                    align_steps=cfg.lisa_align_steps, task_steps=cfg.lisa_task_steps)
+        return dict(alignment_dataset=safety_demos(cfg, tokenizer, records))
     return {}
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None, records=None):
     """The method's trainer; its own data (`method_records`) is read from the config unless given."""
     kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
-                  data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
-                  max_bad_steps=cfg.max_bad_steps)
+                  data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl")
     return TRAINERS[cfg.method](**kwargs, **method_kwargs(cfg, tokenizer, safety, records))
 
 
@@ -312,8 +325,6 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     if cfg.diagnostics_every:
         attach_diagnostics(trainer, cfg.task, cfg.safety_data, cfg.diagnostics_every, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    if hasattr(trainer, "probe"):
-        trainer.probe.remove()  # the deployed model is f_W: no probe in what we save
     save_model(trainer.model, out)
     if cfg.lora_r:
         write_record(out, base)

@@ -5,16 +5,17 @@ align`), which make the aligned base that fine-tuning later starts from.
 """
 from .base import SafeprobeTrainer
 from .booster import BoosterTrainer
-from .lisa import LisaTrainer
+from .config import SafeprobeConfig
+from .lisa import LisaConfig, LisaTrainer
 from .probe import Probe, resolve_layers
 from .sap import SAPConfig
 from .safeinstr import SafeInstrTrainer
 from .sap_trainer import SAPTrainer
-from .sft import SFTTrainer
 from .vaccine import VaccineTrainer
 
-TRAINERS = {"sft": SFTTrainer, "sap": SAPTrainer, "safeinstr": SafeInstrTrainer, "lisa": LisaTrainer}
-ALIGNERS = {"plain": SFTTrainer, "vaccine": VaccineTrainer, "booster": BoosterTrainer}
+# plain fine-tuning (sft, plain) is SafeprobeTrainer itself: TRL's SFTTrainer with the fault guard and step log
+TRAINERS = {"sft": SafeprobeTrainer, "sap": SAPTrainer, "safeinstr": SafeInstrTrainer, "lisa": LisaTrainer}
+ALIGNERS = {"plain": SafeprobeTrainer, "vaccine": VaccineTrainer, "booster": BoosterTrainer}
 
-__all__ = ["ALIGNERS", "BoosterTrainer", "LisaTrainer", "Probe", "SAPConfig", "SAPTrainer", "SFTTrainer",
-           "SafeInstrTrainer", "SafeprobeTrainer", "TRAINERS", "VaccineTrainer", "resolve_layers"]
+__all__ = ["ALIGNERS", "BoosterTrainer", "LisaConfig", "LisaTrainer", "Probe", "SAPConfig", "SAPTrainer",
+           "SafeInstrTrainer", "SafeprobeConfig", "SafeprobeTrainer", "TRAINERS", "VaccineTrainer", "resolve_layers"]

@@ -1,7 +1,9 @@
-"""What every method's trainer shares: the response loss, a per-step JSONL log of method scalars, the guard
-against non-finite steps and checkpoints that carry the method's own state."""
+"""What every method's trainer shares: TRL's `SFTTrainer` (its data formats, loss, PEFT and model loading), a
+per-step JSONL log of method scalars, the guard against non-finite steps and checkpoints that carry the method's
+own state."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -9,13 +11,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from datasets import Dataset
+from transformers import TrainerCallback, TrainingArguments
+from trl import SFTTrainer
 
+from ..data.formats import encode_training_row, is_conversation
 from ..data.sampling import LengthGroupedBatches
 from ..errors import TrainingDiverged
 from ..io import append_jsonl
 from ..memory import keep_freed_memory
 from . import checkpoint
+from .config import SafeprobeConfig
 from .losses import response_loss
 
 log = logging.getLogger(__name__)
@@ -27,15 +33,23 @@ def all_finite(tensors) -> bool:
     return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-class SafeprobeTrainer(Trainer):
-    """A `transformers.Trainer` whose loss is the mean token cross-entropy on response tokens.
+class SafeprobeTrainer(SFTTrainer):
+    """TRL's `SFTTrainer`, which is also the plain fine-tuning (SFT) every method is compared with, plus what every
+    safeprobe method needs. It takes what `SFTTrainer` takes: a model or a model id, `peft_config`, datasets in
+    TRL's formats (a list of already tokenised features too); `args` is the method's config (`config_class`; a
+    `TrainingArguments` or `SFTConfig` is converted, the method's own knobs at their defaults).
+
+    Conversational data (`messages`, or prompt and completion as message lists) is tokenised by safeprobe, with
+    every assistant turn of the completion in the loss, through any chat template (TRL's `assistant_only_loss` needs
+    `{% generation %}` markers, which most templates lack); everything else by TRL.
 
     Subclasses add their method by overriding `training_step` and report scalars with `record(**stats)`:
-    they are averaged into the Trainer log and written, one line per optimiser step, to `step_log`.
+    they are averaged into the Trainer log and written, one line per optimiser step, to `step_log` (default
+    OUTPUT_DIR/train_log.jsonl; None: no such file).
 
     Numerical faults: a step whose loss or gradient is not finite, or that a subclass flags with `flag_bad_step`
     (e.g. a non-finite auxiliary pass), is skipped: its update is dropped and the skip is logged. After
-    `max_bad_steps` such steps in a row, training stops with `TrainingDiverged`; saved checkpoints are untouched.
+    `args.max_bad_steps` such steps in a row, training stops with `TrainingDiverged`; saved checkpoints are untouched.
 
     Checkpoints: besides the Trainer's files, each `checkpoint-<step>/` holds the method's state
     (`method_state()`, restored by `load_method_state()`), written last as the folder's completion marker;
@@ -43,15 +57,21 @@ class SafeprobeTrainer(Trainer):
     """
 
     method_name = "sft"
+    config_class = SafeprobeConfig
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
 
-    def __init__(self, *args, step_log: str | Path | None = None, max_bad_steps: int = 5, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, *rest,
+                 step_log: str | Path | None = "auto", **kwargs):
+        args = self.method_config(args, model)
+        if isinstance(train_dataset, list):  # already tokenised features
+            train_dataset = Dataset.from_list(train_dataset)
+        super().__init__(model, args, data_collator, train_dataset, *rest, **kwargs)
         if self.args.device.type == "cpu":
             keep_freed_memory()  # every step reallocates the same large buffers: keep them mapped
         self.model_accepts_loss_kwargs = False
-        self.step_log = Path(step_log) if step_log else None
-        self.max_bad_steps = max_bad_steps
+        self.step_log = Path(self.args.output_dir) / "train_log.jsonl" if step_log == "auto" else \
+            Path(step_log) if step_log else None
+        self.max_bad_steps = self.args.max_bad_steps
         self._step_stats: dict[str, list[float]] = {}
         self._window_stats: dict[str, list[float]] = {}
         self._bad_reasons: list[str] = []  # what was non-finite in the current optimiser step
@@ -61,6 +81,41 @@ class SafeprobeTrainer(Trainer):
         self._started = time.time()
         self.add_callback(_FlushStepStats(self))
 
+    @classmethod
+    def method_config(cls, args, model=None) -> SafeprobeConfig:
+        """`args` as this method's config: as it is, converted from other training arguments, or (None) the
+        defaults with TRL's output directory name."""
+        if isinstance(args, cls.config_class):
+            return args
+        if args is None:
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            return cls.config_class(output_dir=f"{Path(str(name) or 'model').name}-{cls.method_name}")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a {cls.config_class.__name__} (or TrainingArguments), got "
+                            f"{type(args).__name__}")
+        known = {f.name for f in dataclasses.fields(cls.config_class) if f.init}
+        return cls.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+                                   if f.init and f.name in known})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss; an fp64 model gets the same mean response loss in fp64 (TRL's fused head computes in fp32,
+        which would cap the precision that fp64 runs exist for: checking the numerics of a method)."""
+        if next(model.parameters()).dtype != torch.float64:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = response_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """Conversational rows are tokenised here (every assistant turn in the loss), the rest by TRL; TRL then
+        truncates, drops rows without a target and packs as configured."""
+        columns = dataset.column_names or []
+        if "input_ids" not in columns and formatting_func is None and is_conversation(next(iter(dataset))):
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            dataset = dataset.map(
+                lambda row, i: encode_training_row(tokenizer, row, args.max_length, f"{dataset_name} row {i}"),
+                with_indices=True, remove_columns=columns, desc=f"Tokenizing {dataset_name} dataset")
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
     def _get_train_sampler(self, train_dataset=None):
         """`group_by_length` batches similar lengths together in random order (see `LengthGroupedBatches`)."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -69,10 +124,6 @@ class SafeprobeTrainer(Trainer):
         lengths = [len(example["input_ids"]) for example in dataset]
         return LengthGroupedBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                     self.args.seed)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = response_loss(model, inputs)
-        return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

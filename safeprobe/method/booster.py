@@ -19,10 +19,13 @@ run). Defaults lambda = 5, a = 0.1 (the paper's).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..data.tokenize import collator
 from .base import EndlessBatches, SafeprobeTrainer, all_finite
+from .config import SafeprobeConfig, _help, check_minimum
 from .losses import response_loss
 from .sap import Scaled, at_least_fp32, global_norm, perturbed, same_randomness
 
@@ -54,17 +57,28 @@ def zero_valued_term(params: list, direction: list) -> torch.Tensor:
     return dot - dot.detach()
 
 
+@dataclass
+class BoosterConfig(SafeprobeConfig):
+    """Every setting of a Booster alignment: `trl.SFTConfig`'s (see `SafeprobeConfig`) plus Booster's."""
+
+    booster_lambda: float = _help("weight of the harmful-perturbation regulariser", 5.0)
+    booster_alpha: float = _help("size of the simulated harmful step", 0.1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_minimum(self, "booster_lambda", 0)
+        check_minimum(self, "booster_alpha", 0)
+
+
 class BoosterTrainer(SafeprobeTrainer):
     method_name = "booster"
+    config_class = BoosterConfig
 
-    def __init__(self, *args, harmful_dataset=None, lamb: float = 5.0, alpha: float = 0.1,
-                 harmful_batch_size: int | None = None, **kwargs):
+    def __init__(self, *args, harmful_dataset=None, harmful_batch_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if not harmful_dataset:
             raise ValueError("BoosterTrainer needs a harmful_dataset (encoded prompt -> harmful answer examples)")
-        if lamb < 0 or alpha < 0:
-            raise ValueError(f"Booster needs lambda >= 0 and alpha >= 0, got {lamb}, {alpha}")
-        self.lamb, self.alpha = lamb, alpha
+        self.lamb, self.alpha = self.args.booster_lambda, self.args.booster_alpha
         self._harmful_dataset = harmful_dataset
         self._harmful_batch_size = harmful_batch_size or self.args.per_device_train_batch_size
         self._harmful = self._harmful_stream()
@@ -91,7 +105,7 @@ class BoosterTrainer(SafeprobeTrainer):
             self._correction = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = response_loss(model, inputs)
+        loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if self._correction is not None:
             loss = loss + self.lamb * zero_valued_term(self._params, self._correction)
         return (loss, None) if return_outputs else loss

@@ -8,24 +8,41 @@ task steps; the defaults here keep that 1:9 ratio at a scale that fits short run
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..data.tokenize import collator
 from .base import EndlessBatches, SafeprobeTrainer
 from .checkpoint import numbered, unnumbered
+from .config import SafeprobeConfig, _help, check_minimum
+
+
+@dataclass
+class LisaConfig(SafeprobeConfig):
+    """Every setting of a Lisa run: `trl.SFTConfig`'s (see `SafeprobeConfig`) plus Lisa's."""
+
+    rho: float = _help("strength of the proximal term towards the other state's weights", 1.0)
+    lisa_align_steps: int = _help("optimiser steps on alignment data per cycle", 10)
+    lisa_task_steps: int = _help("optimiser steps on the task data per cycle", 90)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_minimum(self, "rho", 0)
+        check_minimum(self, "lisa_align_steps", 1)
+        check_minimum(self, "lisa_task_steps", 1)
 
 
 class LisaTrainer(SafeprobeTrainer):
     method_name = "lisa"
+    config_class = LisaConfig
 
-    def __init__(self, *args, alignment_dataset=None, rho: float = 1.0, align_steps: int = 10,
-                 task_steps: int = 90, **kwargs):
+    def __init__(self, *args, alignment_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
         if not alignment_dataset:
             raise ValueError("LisaTrainer needs an alignment_dataset (encoded harmful prompt -> refusal examples)")
-        if rho < 0 or align_steps < 1 or task_steps < 1:
-            raise ValueError("Lisa needs rho >= 0, align_steps >= 1 and task_steps >= 1")
-        self.rho, self.align_steps, self.task_steps = rho, align_steps, task_steps
+        self.rho, self.align_steps, self.task_steps = self.args.rho, self.args.lisa_align_steps, \
+            self.args.lisa_task_steps
         self._alignment_dataset = alignment_dataset
         self._alignment = self._alignment_stream()
         self._params = [p for p in self.model.parameters() if p.requires_grad]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from .config import SafeprobeConfig, _help, check_choice, check_minimum
 from .dropout_masks import DropoutMasks
 from .losses import contrastive_safety_loss, response_loss, safety_counts, token_logprobs
 from .probe import parse_layers
@@ -30,33 +30,44 @@ SAFETY_LOSSES = ("paper", "dpo")
 MODES = ("paper", "reference")
 
 
-@dataclass
-class SAPConfig:
-    """SAP's knobs (PEFT-style small config)."""
+def default_safety_batch_size(task_batch_size: int) -> int:
+    """Safety pairs per step when none is given: as many safety sequences (a safe and a harmful answer per pair) as
+    task examples, so that step 1 costs about one task batch."""
+    return max(1, task_batch_size // 2)
 
-    eps: float = 0.01  # perturbation size along the harmful direction
-    eps_mode: str = "relative"  # relative: eps * ||W_trainable|| (authors' code); absolute: eps
-    beta: float = 0.05  # probe ascent step (paper default)
-    probe_layers: str = "middle"  # see probe.resolve_layers; middle = the paper's 11..20 of 32, scaled
-    probe_norm: float | None = None  # if set, rescale V_safe to this global L2 norm
-    safety_loss: str = "paper"  # paper: L(safe) - L(harmful); dpo: the authors' -logsigmoid margin
-    safety_every: int = 1  # recompute s every k optimiser steps, reuse it in between
-    probe_every: int = 1  # recompute V_safe every k optimiser steps, reuse it in between
-    mode: str = "paper"  # paper: Algorithm 1; reference: the authors' lagged-probe schedule (SAP.md s.4)
-    probe_lr: float = 0.05  # reference mode only: AdamW learning rate of the probe
+
+@dataclass
+class SAPConfig(SafeprobeConfig):
+    """Every setting of an SAP run: `trl.SFTConfig`'s (see `SafeprobeConfig` for the defaults changed) plus SAP's."""
+
+    eps: float = _help("size of the harmful perturbation dW (relative: a fraction of ||W_trainable||)", 0.01)
+    eps_mode: str = _help("relative (eps * ||W_trainable||, the authors' code) or absolute (eps)", "relative")
+    beta: float = _help("probe ascent step: V_safe = beta * g_V (paper default 0.05)", 0.05)
+    probe_layers: str = _help("probed decoder layers: middle (the paper's 11..20 of 32, scaled), all, '3,9', "
+                              "'10:20' or '0.3:0.6'", "middle")
+    probe_norm: float | None = _help("rescale V_safe to this global L2 norm instead of beta * |g_V|")
+    safety_loss: str = _help("paper (L(safe) - L(harmful), mean losses) or dpo (the authors' -logsigmoid margin)",
+                             "paper")
+    safety_every: int = _help("recompute the safety direction s every K steps, reuse it in between", 1)
+    probe_every: int = _help("recompute V_safe every K steps, reuse it in between (amortised SAP)", 1)
+    mode: str = _help("paper (Algorithm 1) or reference (the authors' lagged-probe schedule)", "paper")
+    probe_lr: float = _help("reference mode only: AdamW learning rate of the probe", 0.05)
+    safety_batch_size: int | None = _help("safety pairs per step (None: half the task batch, as many safety sequences "
+                                          "as task examples; a larger batch runs in chunks of the task batch)")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("eps", "beta", "probe_lr"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_minimum(self, name, 0)
         for name in ("safety_every", "probe_every"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_minimum(self, name, 1)
         for name, valid in (("eps_mode", EPS_MODES), ("safety_loss", SAFETY_LOSSES), ("mode", MODES)):
-            if getattr(self, name) not in valid:
-                raise UserError(f"{name} '{getattr(self, name)}' unknown; valid choices: {', '.join(valid)}")
-        if self.probe_norm is not None and self.probe_norm < 0:
-            raise UserError(f"probe_norm must be >= 0, got {self.probe_norm}")
+            check_choice(self, name, valid)
+        if self.probe_norm is not None:
+            check_minimum(self, "probe_norm", 0)
+        if self.safety_batch_size is None:  # resolved here, so that the saved arguments record what the run used
+            self.safety_batch_size = default_safety_batch_size(self.per_device_train_batch_size)
+        check_minimum(self, "safety_batch_size", 1)
         parse_layers(self.probe_layers)  # the syntax now; the indices against the model's depth once it loads
 
 

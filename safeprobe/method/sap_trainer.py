@@ -1,7 +1,9 @@
-"""`SAPTrainer`: Algorithm 1 (see `sap.py`) wired into `transformers.Trainer`.
+"""`SAPTrainer`: Algorithm 1 (see `sap.py`) wired into TRL's `SFTTrainer`.
 
-Drop-in for a Trainer/TRL user: same arguments plus `sap_config` and `safety_dataset` (encoded safety pairs).
-Works with PEFT LoRA or full fine-tuning, gradient accumulation, fp32/bf16 and accelerate DDP.
+Drop-in for a TRL user: `SFTTrainer`'s arguments, `args` an `SAPConfig` (an `SFTConfig` with SAP's knobs), plus
+`safety_dataset`: safety pairs as a preference dataset (`prompt`, `chosen` = the safe answer, `rejected` = the
+harmful one; standard or conversational) or as encoded pairs. Works with PEFT LoRA or full fine-tuning, gradient
+accumulation, fp32/bf16 and accelerate DDP.
 
 Distributed training: every rank draws the same safety batch from an identically seeded sampler, so the
 safety direction s is identical on every rank by construction (it is also averaged across ranks, which removes
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.formats import safety_pair_features
 from ..data.tokenize import PairCollator
 from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .checkpoint import numbered, unnumbered
@@ -28,24 +31,17 @@ from .shared_forward import SharedLowerForward
 from .shared_prompt import SharedPromptPass
 
 
-def default_safety_batch_size(task_batch_size: int) -> int:
-    """Safety pairs per step when none is given: as many safety sequences (a safe and a harmful answer per pair) as
-    task examples, so that step 1 costs about one task batch."""
-    return max(1, task_batch_size // 2)
-
-
 class SAPTrainer(SafeprobeTrainer):
     method_name = "sap"
+    config_class = SAPConfig
 
-    def __init__(self, *args, sap_config: SAPConfig | None = None, safety_dataset=None,
-                 safety_batch_size: int | None = None, **kwargs):
+    def __init__(self, *args, safety_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not safety_dataset:
-            raise ValueError("SAPTrainer needs a non-empty safety_dataset (encoded safety pairs)")
-        self.sap = sap_config or SAPConfig()
-        if self.sap.mode == "reference":
+        if safety_dataset is None or not len(safety_dataset):
+            raise ValueError("SAPTrainer needs a non-empty safety_dataset (preference rows or encoded safety pairs)")
+        if self.args.mode == "reference":
             self.method_name = "sap-reference"
-        self.probe = Probe(self.model, self.sap.probe_layers)
+        self.probe = Probe(self.model, self.args.probe_layers)
         # the clean probe pass and step 5 share the layers below the lowest probed one (not under gradient
         # checkpointing, which would recompute them from inside the shared graph)
         self._shared = SharedLowerForward(self.model, self.probe.layers[0],
@@ -55,8 +51,8 @@ class SAPTrainer(SafeprobeTrainer):
         # step 1 runs each safety pair's prompt once for both answers, the pairs packed into few rows (checked
         # against the padded batch once; no KV cache, so gradient checkpointing keeps it)
         self._shared_prompt = SharedPromptPass()
-        safety_batch_size = safety_batch_size or default_safety_batch_size(self.args.per_device_train_batch_size)
-        self._safety_dataset, self._safety_batch_size = safety_dataset, safety_batch_size
+        self._safety_dataset = safety_pair_features(safety_dataset, self.processing_class, self.args.max_length)
+        self._safety_batch_size = self.args.safety_batch_size
         # a larger safety batch runs in chunks of at most one task batch of pairs: the memory of a task step
         self._safety_chunk = max(1, self.args.per_device_train_batch_size)
         self._safety_batches = self._safety_stream()
@@ -87,7 +83,7 @@ class SAPTrainer(SafeprobeTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         inputs = self._prepare_inputs(inputs)
         with self.accelerator.no_sync(model):
-            V_safe = self._reference_probe(model, inputs) if self.sap.mode == "reference" \
+            V_safe = self._reference_probe(model, inputs) if self.args.mode == "reference" \
                 else self._paper_probe(model, inputs)
         # step 5: the ordinary step, probed
         with self.probe.active(V_safe), self._shared.replayed(inputs), self._masks.replayed(inputs, last=True):
@@ -96,10 +92,10 @@ class SAPTrainer(SafeprobeTrainer):
     def _harmful_perturbation(self, model, force: bool = False) -> list | None:
         """Step 1 (every `safety_every` steps): s on a safety batch, probe off -> dW (None: s not finite)."""
         step = self.state.global_step
-        if force or self._s is None or step - self._s_step >= self.sap.safety_every:
+        if force or self._s is None or step - self._s_step >= self.args.safety_every:
             batch = self._next_safety_batch()
             with same_randomness(self._seed(1), batch[0]["input_ids"].device):
-                s, safety_loss = safety_direction(model, self._params, batch, self.sap.safety_loss,
+                s, safety_loss = safety_direction(model, self._params, batch, self.args.safety_loss,
                                                   self._shared_prompt)
             s = self._mean_across_ranks(s)
             self.record(safety_loss=safety_loss, s_norm=global_norm(s))
@@ -107,13 +103,13 @@ class SAPTrainer(SafeprobeTrainer):
                 self.flag_bad_step("safety direction")
                 return None
             self._s, self._s_step = s, step
-        delta, eps = perturbation(self._params, self._s, self.sap.eps, self.sap.eps_mode)
+        delta, eps = perturbation(self._params, self._s, self.args.eps, self.args.eps_mode)
         self.record(eps=eps)
         return delta
 
     def _paper_probe(self, model, inputs) -> list | None:
         step = self.state.global_step
-        if self._V is not None and step != self._V_step and (step - self._V_step) < self.sap.probe_every:
+        if self._V is not None and step != self._V_step and (step - self._V_step) < self.args.probe_every:
             return self._V  # amortised: reuse the last V_safe
         delta = self._harmful_perturbation(model)
         if delta is None:
@@ -125,7 +121,7 @@ class SAPTrainer(SafeprobeTrainer):
         if not all_finite(g_V):
             self.flag_bad_step("probe gradient")
             return None
-        self._V, self._V_step = safe_probe(g_V, self.sap.beta, self.sap.probe_norm), step
+        self._V, self._V_step = safe_probe(g_V, self.args.beta, self.args.probe_norm), step
         # task_loss_unprobed: L(W, 0) on this batch, what SFT's step would see; task_loss (step 5) is L(W, V_safe)
         self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(self._V), l_su=loss_perturbed - loss,
                     task_loss_unprobed=loss)
@@ -135,7 +131,7 @@ class SAPTrainer(SafeprobeTrainer):
         """The authors' schedule: this step uses the probe computed at the previous step (SAP.md s.4)."""
         if self._ref is None:
             self._ref = [torch.nn.Parameter(v) for v in self.probe.zeros(inputs["input_ids"])]
-            self._ref_opt = torch.optim.AdamW(self._ref, lr=self.sap.probe_lr)
+            self._ref_opt = torch.optim.AdamW(self._ref, lr=self.args.probe_lr)
         V_prev = [v.detach().clone() for v in self._ref]
         with self.probe.active(V_prev):  # the safety gradient is taken with the lagged probe still active
             delta = self._harmful_perturbation(model, force=self._s is None)
@@ -176,7 +172,7 @@ class SAPTrainer(SafeprobeTrainer):
         ref = unnumbered(state, "ref", device)
         if ref is not None:
             self._ref = [torch.nn.Parameter(v) for v in ref]
-            self._ref_opt = torch.optim.AdamW(self._ref, lr=self.sap.probe_lr)
+            self._ref_opt = torch.optim.AdamW(self._ref, lr=self.args.probe_lr)
             moments = {}
             for key, value in state.items():
                 if key.startswith("ref_opt."):

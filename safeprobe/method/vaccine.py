@@ -18,10 +18,12 @@ layers jointly as their code does. The norm runs over the whole [batch, position
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from .base import SafeprobeTrainer, all_finite
+from .config import SafeprobeConfig, _help, check_choice, check_minimum
 from .losses import response_loss
 from .probe import Probe
 from .sap import frozen, global_norm, same_randomness
@@ -74,14 +76,26 @@ def perturbations(grads: list[torch.Tensor], rho: float, norm: str = "layer") ->
     return [g * (rho / n) if n > 0 else torch.zeros_like(g) for g, n in zip(grads, norms)]
 
 
+@dataclass
+class VaccineConfig(SafeprobeConfig):
+    """Every setting of a Vaccine alignment: `trl.SFTConfig`'s (see `SafeprobeConfig`) plus Vaccine's."""
+
+    rho: float = _help("norm of the hidden-state perturbation (the authors' script: 2)", 2.0)
+    vaccine_norm: str = _help("normalise each layer's perturbation (layer) or all layers jointly (global)", "layer")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_minimum(self, "rho", 0)
+        check_choice(self, "vaccine_norm", NORMS)
+
+
 class VaccineTrainer(SafeprobeTrainer):
     method_name = "vaccine"
+    config_class = VaccineConfig
 
-    def __init__(self, *args, rho: float = 2.0, norm: str = "layer", **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if rho < 0 or norm not in NORMS:
-            raise ValueError(f"Vaccine needs rho >= 0 and norm in {NORMS}, got rho={rho}, norm={norm!r}")
-        self.rho, self.norm = rho, norm
+        self.rho, self.norm = self.args.rho, self.args.vaccine_norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         inputs = self._prepare_inputs(inputs)
