@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL reports each train
 
 _EXPORTS = {name: "safeprobe.method" for name in (
     "SAPConfig", "SAPTrainer", "LisaConfig", "LisaTrainer", "SafeInstrTrainer", "SafeprobeConfig", "SafeprobeTrainer",
-    "VaccineTrainer", "BoosterTrainer")}
+    "VaccineConfig", "VaccineTrainer", "BoosterConfig", "BoosterTrainer")}
 __all__ = sorted(_EXPORTS)
 
 

@@ -88,3 +88,10 @@ def test_eval_on_another_base_is_refused_in_one_line_and_allowed_with_the_overri
     assert main(["eval", "--model", "tiny-random-llama", "--adapter", str(out), "--suite", str(prompts),
                  "--max-new-tokens", "4", "--output-dir", str(tmp_path / "own")]) == 0
     assert json.loads((tmp_path / "own" / "eval.json").read_text())["model"]["base_check"]["status"] == "match"
+
+
+def test_the_samples_of_a_tensor_larger_than_float32_counts_stay_in_range():
+    from safeprobe.model.identity import SAMPLES, _samples
+    big = torch.nn.Linear(1, (1 << 24) + 3, bias=False)  # 2^24 + 3 weights: a float32 linspace overshoots
+    samples = _samples(big)["weight"]
+    assert samples.numel() == SAMPLES and samples[-1] == big.weight.reshape(-1)[-1]

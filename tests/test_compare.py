@@ -158,13 +158,6 @@ def test_the_report_and_the_demo_measure_each_defense_against_sft(compared):
     assert line.startswith(f"sap: harmful score {100 * statistics.fmean(diffs):+.0f}")
 
 
-def test_probe_raise_is_the_probed_minus_the_unprobed_loss_of_sap_rows_only():
-    from safeprobe.reporting.report import _probe_raise
-    logs = {"sap": [[{"step": 1, "task_loss": 2.5, "task_loss_unprobed": 2.0}, {"step": 2, "task_loss": 1.0}]],
-            "sft": [[{"step": 1, "task_loss": 2.0}]]}
-    assert _probe_raise(logs) == {"sap": [[{"step": 1, "probe_raise": 0.5}]], "sft": [[]]}
-
-
 def test_a_finished_run_keeps_its_adapter_and_no_checkpoints(compared):
     _, _, out, results = compared
     for run in results["runs"].values():

@@ -27,7 +27,7 @@ from safeprobe.data.registry import format_agnews, format_gsm8k, format_sst2
 from safeprobe.errors import UserError
 from safeprobe.experiments.train import TrainConfig, training_arguments
 from safeprobe.io import check_output_dir
-from safeprobe.method import TRAINERS
+from safeprobe.method import methods
 from safeprobe.method.sap import EPS_MODES, MODES, SAFETY_LOSSES
 
 CASES = collections.Counter()  # property name -> generated cases run
@@ -192,7 +192,7 @@ def test_big_files_and_long_strings(workdir):
 # -- config files ------------------------------------------------------------------------------------------
 FIELDS = TrainConfig.__dataclass_fields__
 junk = scalars | st.lists(st.integers() | texts, max_size=3) | st.sampled_from(["nan", "inf", "-1", "0", "1e-3"])
-CHOICES = {"method": TRAINERS, "lr_scheduler": ["constant", "linear", "cosine"], "report_to": ["none"],
+CHOICES = {"method": list(methods()), "lr_scheduler": ["constant", "linear", "cosine"], "report_to": ["none"],
            "sap_mode": MODES, "eps_mode": EPS_MODES, "safety_loss": SAFETY_LOSSES,
            "probe_layers": ["middle", "all", "3,9", "0.3:0.6", "99"]}
 

@@ -53,6 +53,7 @@ def test_the_readme_example_trains_a_peft_adapter_on_every_assistant_turn_withou
     steps = [json.loads(line) for line in open(f"{OUT}/train_log.jsonl")]
     assert [row["step"] for row in steps] == [1, 2, 3] and all(row["v_safe_norm"] == pytest.approx(3.0)
                                                                 for row in steps)
+    assert all(row["probe_raise"] == pytest.approx(row["task_loss"] - row["task_loss_unprobed"]) for row in steps)
     tokenizer = trainer.processing_class
     row = trainer.train_dataset[0]
     targets = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])

@@ -56,13 +56,14 @@ from ..errors import UserError
 from ..evaluation.generate import generate_ids, length_batches
 from ..evaluation.keyword import is_refusal
 from ..io import append_jsonl, check_output_dir, output_lock, sha256_json, write_json, write_text
-from ..method import ALIGNERS
+from ..method import ALIGN, get_method, methods
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
 from ..method.vaccine import NORMS
 from ..model import MODEL_NAMES, load_model, make_trainable, model_summary
 from ..settings import home_dir
 from .manifest import manifest
-from .train import REPORT_TO, _help, check_run_settings, save_model, training_arguments
+from . import method_data
+from .train import REPORT_TO, _help, check_run_settings, method_fields, save_model, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,11 @@ MINIMUMS = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_questions": 0, "
             "max_bad_steps": 1}
 # Settings that do not change the aligned model, and settings that only one method reads: neither is in the key.
 NOT_IN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "report_to", "max_bad_steps"})
-METHOD_FIELDS = {"vaccine": ("rho", "vaccine_norm"),
-                 "booster": ("harmful_data", "n_harmful", "booster_lambda", "booster_alpha")}
 
 
 @dataclass
 class AlignConfig:
-    method: str = _help("alignment method: " + ", ".join(ALIGNERS), "plain")
+    method: str = _help("alignment method: plain, vaccine, booster or a registered one", "plain")
     model: str = _help("the instruct model to align: a built-in name, a local directory or a Hub id",
                        "smollm2-135m-instruct")
     output_dir: str | None = _help("where the aligned model goes (default: $SAFEPROBE_HOME/aligned/"
@@ -127,7 +126,8 @@ class AlignConfig:
     booster_alpha: float = _help("Booster: size of the simulated harmful step", 0.1)
 
     def __post_init__(self):
-        for name, valid in (("method", ALIGNERS), ("lr_scheduler", [t.value for t in SchedulerType]),
+        get_method(self.method, ALIGN)  # one-line error naming the registered methods
+        for name, valid in (("lr_scheduler", [t.value for t in SchedulerType]),
                             ("report_to", REPORT_TO), ("vaccine_norm", NORMS)):
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
@@ -169,14 +169,14 @@ def data_fingerprints(cfg: AlignConfig) -> dict:
     data = {"refusal": found(cfg.refusal_data), "sensitive": found(cfg.sensitive_data),
             "questions": found(cfg.question_data),
             "benign": [found(s) for s in benign_sources(cfg)]}
-    if cfg.method == "booster":
-        data["harmful"] = found(cfg.harmful_data)
+    data.update({role.role: found(getattr(cfg, role.source)) for role in get_method(cfg.method, ALIGN).data})
     return data
 
 
 def cache_key(cfg: AlignConfig, data: dict) -> str:
     """Short hash of what determines the aligned model: the relevant settings and the data files' contents."""
-    other_methods = {f for method, names in METHOD_FIELDS.items() if method != cfg.method for f in names}
+    other_methods = {name for method in methods(ALIGN).values() if method.name != cfg.method
+                     for name in own_fields(method)}
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_KEY | other_methods}
     digests = {name: [d["sha256"] for d in found] if isinstance(found, list) else found["sha256"]
                for name, found in data.items()}
@@ -241,7 +241,8 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     # every source is read before the model loads: a bad row should not cost a model load and minutes of generation
     refusals = sample(load_examples(cfg.refusal_data, "train"), cfg.n_refusal, cfg.seed)
     prompts = benign_prompts(cfg)
-    harmful = booster_pairs(cfg) if cfg.method == "booster" else None
+    method = get_method(cfg.method, ALIGN)
+    read = method_data.records(method, cfg)
     model, tokenizer = load_model(cfg.model)
     before_generation = time.time()
     answers = self_answers(model, tokenizer, [p for bucket in prompts.values() for p in bucket], cfg, out)
@@ -249,12 +250,12 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     features, counts = training_features(tokenizer, refusals, answers, cfg.max_length)
     counts.update({f"n_{name}_prompts": len(bucket) for name, bucket in prompts.items()})
     model = make_trainable(model, cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, target_modules="all-linear")
-    args = training_arguments(cfg, out, ALIGNERS[cfg.method])
+    args = training_arguments(cfg, out, method.trainer)
     args.train_sampling_strategy = "group_by_length"
-    trainer = ALIGNERS[cfg.method](
+    trainer = method.trainer(
         model=model, args=args, train_dataset=features,
         data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl",
-        **method_kwargs(cfg, tokenizer, harmful))
+        **method_data.features(method, cfg, tokenizer, read))
     train_loss, steps, resume = _train(trainer, cfg, out)
     summary = model_summary(trainer.model)  # what trained: with LoRA, the adapters
     save_model(trainer.model.merge_and_unload() if cfg.lora_r else trainer.model, out)
@@ -405,19 +406,6 @@ def training_features(tokenizer, refusals: list[Example], answers: list[dict], m
     return features, counts
 
 
-def booster_pairs(cfg: AlignConfig) -> list:
-    """Booster's (prompt, harmful answer) pairs."""
-    return sample(load_pairs(cfg.harmful_data, "train"), cfg.n_harmful, cfg.seed)
-
-
-def method_kwargs(cfg: AlignConfig, tokenizer, pairs: list | None = None) -> dict:
-    """The arguments a method's trainer takes beyond the Trainer's own (`pairs`: Booster's `booster_pairs`, read
-    here unless given)."""
-    if cfg.method == "booster":
-        pairs = booster_pairs(cfg) if pairs is None else pairs
-        harmful = encode_all(tokenizer, [Example(p.messages, p.harmful) for p in pairs], cfg.max_length,
-                             "harmful examples").features
-        if not harmful:
-            raise UserError(f"{cfg.harmful_data}: no harmful examples within max_length={cfg.max_length}")
-        return dict(harmful_dataset=harmful)
-    return {}
+def own_fields(method) -> set[str]:
+    """The settings only `method` reads: its config's own knobs and the sources and counts of its data."""
+    return set(method_fields(method.config_class)) | {name for role in method.data for name in (role.source, role.count)}

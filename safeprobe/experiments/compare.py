@@ -26,7 +26,8 @@ from ..errors import TrainingDiverged, UserError, check_seed
 from ..evaluation import SUITES, get_suite, run_eval
 from ..evaluation.suites import TASK
 from ..io import check_output_dir, file_digests, output_lock, sha256_file, sha256_json, write_json
-from ..method import TRAINERS
+from ..method import get_method
+from ..method import methods as registered_methods
 from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
@@ -193,8 +194,9 @@ def plan(cfg: CompareConfig) -> Plan:
     for run in the_plan.runs.values():  # a missing dataset or a bad row fails now, not after the base's evaluation
         train = run.train
         data_fingerprints(train)
+        sources = tuple(getattr(train, role.source) for role in get_method(train.method).data)
         for sources, read_data in (((train.task, train.poison_data), task_examples),
-                                   ((train.method, train.safety_data, train.alignment_data), method_records)):
+                                   ((train.method, *sources), method_records)):
             if sources not in read:
                 read_data(train)
                 read.add(sources)
@@ -256,9 +258,10 @@ def _method_entries(methods) -> dict[str, dict]:
             raise UserError(f"key 'methods': name '{label}' may only hold letters, digits, '_' and '.'")
         entry = dict(_checked_overrides(overrides, f"methods.{label}", settable=("method",)))
         entry.setdefault("method", label)
-        if entry["method"] not in TRAINERS:
+        known = registered_methods()
+        if entry["method"] not in known:
             raise UserError(f"key 'methods.{label}': unknown method '{entry['method']}' (valid: "
-                            f"{', '.join(TRAINERS)}); give `method:` for a named variant")
+                            f"{', '.join(known)}); give `method:` for a named variant")
         entries[label] = entry
     return entries
 

@@ -42,8 +42,8 @@ TRAIN = dict(task="sst2", n=1000, poison_ratio=0.1, batch_size=8, lr=3e-4, max_l
 # model and SAP's step is SFT's to the last digit; a probe of norm 3 cancels SFT's first-order drift toward the
 # harmful direction several times over (benchmarks/probe_strength.py). On the validation suites (val-harmful,
 # sst2-val; never the evaluation suites) it has not lowered the harmful score yet (README, "Results so far").
-# The other methods ignore SAP's knobs.
-SAP = dict(probe_norm=3.0)
+# Per-method settings of the demo (probe_norm: SAP's probe at a fixed strength)
+METHOD_SETTINGS = {"sap": dict(probe_norm=3.0)}
 # The whole demo, alignment included, is meant to fit in 40 minutes on a 2-core CPU: 40 steps (320 examples, 32 of
 # them harmful) and diagnostics every 8 steps; answers of 32 tokens, since the keyword judge sees a refusal in
 # the first sentence.
@@ -59,7 +59,7 @@ def compare_config(cfg: DemoConfig, aligned_model: str) -> CompareConfig:
     scale = QUICK if cfg.quick else FULL
     return CompareConfig(
         output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, **scale["train"]},
-        methods={name: SAP if name == "sap" else {} for name in scale["methods"]},
+        methods={name: METHOD_SETTINGS.get(name, {}) for name in scale["methods"]},
         seeds=[cfg.seed + i for i in range(cfg.seeds)], include_base=True, eval={**EVAL, **scale["eval"]})
 
 

@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import SchedulerType, TrainingArguments, set_seed
+from transformers import SchedulerType, set_seed
 
-from ..data import fingerprint, load_examples, load_pairs, sample
-from ..data.tokenize import collator, encode_all, encode_pairs
+from ..data import fingerprint, load_examples, sample
+from ..data.tokenize import collator, encode_all
 from ..errors import UserError, check_seed
 from ..io import FILE_MODE, check_output_dir, output_lock, write_json
-from ..method import TRAINERS, SafeprobeConfig, SAPConfig
+from ..method import SafeprobeConfig, SAPConfig, get_method
 from ..method.diagnostics import attach_diagnostics
 from ..method.sap import MODES as SAP_MODES
 from ..method.sap import default_safety_batch_size
 from ..model import load_model, make_trainable
 from ..model.identity import base_identity, write_record
+from . import method_data
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
 
@@ -63,7 +64,7 @@ def _help(text: str, default=None, **kw):
 
 @dataclass
 class TrainConfig:
-    method: str = _help("fine-tuning method: " + ", ".join(TRAINERS), "sft")
+    method: str = _help("fine-tuning method: sft, sap, safeinstr, lisa or a registered one", "sft")
     model: str = _help("model spec: smollm2-135m-instruct, tiny-random-llama, a local directory or a Hub id",
                        "smollm2-135m-instruct")
     task: str = _help("useful fine-tuning data: a dataset name (sst2, agnews, gsm8k, alpaca...) or a file", "sst2")
@@ -119,7 +120,8 @@ class TrainConfig:
     lisa_task_steps: int = _help("Lisa: optimiser steps on the task data per cycle", 90)
 
     def __post_init__(self):
-        for name, valid in (("method", TRAINERS), ("lr_scheduler", [t.value for t in SchedulerType]),
+        get_method(self.method)  # one-line error naming the registered methods
+        for name, valid in (("lr_scheduler", [t.value for t in SchedulerType]),
                             ("report_to", REPORT_TO), ("sap_mode", SAP_MODES)):
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
@@ -150,11 +152,7 @@ def data_fingerprints(cfg: TrainConfig) -> dict:
     data = {"task": fingerprint(cfg.task, "train")}
     if round(cfg.n * cfg.poison_ratio):
         data["poison"] = fingerprint(cfg.poison_data, "train")
-    if cfg.method == "sap":
-        data["safety"] = fingerprint(cfg.safety_data, "train")
-    if cfg.method in ("safeinstr", "lisa"):
-        data["alignment"] = fingerprint(cfg.alignment_data)
-    return data
+    return {**data, **method_data.fingerprints(get_method(cfg.method), cfg)}
 
 
 def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
@@ -186,7 +184,7 @@ def training_arguments(cfg, out: Path, trainer_class=None):
     """The method's config (`trainer_class.config_class`, default that of `cfg.method`'s trainer) from `cfg`: the
     training arguments, and the method's own knobs under their names in `cfg`. The features are tokenised and
     truncated by safeprobe already, so TRL's dataset preparation is skipped."""
-    config_class = (trainer_class or TRAINERS[cfg.method]).config_class
+    config_class = (trainer_class or get_method(cfg.method).trainer).config_class
     names = {"mode": "sap_mode"}  # the config's name for a knob -> its name in cfg, where they differ
     values = {name: getattr(cfg, names.get(name, name)) for name in method_fields(config_class)
               if hasattr(cfg, names.get(name, name))}
@@ -202,65 +200,19 @@ def training_arguments(cfg, out: Path, trainer_class=None):
         use_cpu=not torch.cuda.is_available())
 
 
-def _n_safety(records: list, cfg: TrainConfig, source: str) -> list:
-    """cfg.n_safety seeded records, or all of them (with a warning) when the source has fewer."""
-    if len(records) < cfg.n_safety:
-        log.warning("%s has %d records, n_safety asks for %d: using %d", source, len(records), cfg.n_safety,
-                    len(records))
-    return sample(records, cfg.n_safety, cfg.seed)
-
-
-def safety_pairs(cfg: TrainConfig) -> list:
-    """SAP's safety pairs (prompt, safe answer, harmful answer)."""
-    return _n_safety(load_pairs(cfg.safety_data, "train"), cfg, cfg.safety_data)
-
-
-def refusal_demos(cfg: TrainConfig) -> list:
-    """SafeInstr's and Lisa's alignment data: (harmful instruction -> refusal) examples."""
-    return _n_safety(load_examples(cfg.alignment_data), cfg, cfg.alignment_data)
-
-
-METHOD_DATA = {"sap": safety_pairs, "safeinstr": refusal_demos, "lisa": refusal_demos}
-
-
-def method_records(cfg: TrainConfig) -> list | None:
+def method_records(cfg: TrainConfig) -> dict[str, list]:
     """The method's own data beyond the task, read before the model loads (a bad row should not cost a load)."""
-    return METHOD_DATA[cfg.method](cfg) if cfg.method in METHOD_DATA else None
+    return method_data.records(get_method(cfg.method), cfg)
 
 
-def safety_features(cfg: TrainConfig, tokenizer, pairs: list | None = None) -> list[dict]:
-    """SAP's safety pairs (`safety_pairs` unless given), encoded."""
-    encoded = encode_pairs(tokenizer, safety_pairs(cfg) if pairs is None else pairs, cfg.max_length)
-    if not encoded.features:
-        raise UserError(f"{cfg.safety_data}: no usable safety pairs within max_length={cfg.max_length}")
-    return encoded.features
-
-
-def safety_demos(cfg: TrainConfig, tokenizer, demos: list | None = None) -> list[dict]:
-    """SafeInstr's and Lisa's `refusal_demos` (unless given), encoded."""
-    encoded = encode_all(tokenizer, refusal_demos(cfg) if demos is None else demos, cfg.max_length)
-    if not encoded.features:
-        raise UserError(f"{cfg.alignment_data}: no usable examples within max_length={cfg.max_length}")
-    return encoded.features
-
-
-def method_kwargs(cfg: TrainConfig, tokenizer, safety=None, records: list | None = None) -> dict:
-    """The arguments a method's trainer takes beyond the Trainer's own. `records`: the method's `method_records`
-    (read here unless given); `safety`: SAP's pairs already encoded, from callers that encoded them."""
-    if cfg.method == "sap":
-        return dict(safety_dataset=safety if safety is not None else safety_features(cfg, tokenizer, records))
-    if cfg.method == "safeinstr":
-        return dict(safety_demos=safety_demos(cfg, tokenizer, records))
-    if cfg.method == "lisa":
-        return dict(alignment_dataset=safety_demos(cfg, tokenizer, records))
-    return {}
-
-
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, safety=None, records=None):
-    """The method's trainer; its own data (`method_records`) is read from the config unless given."""
-    kwargs = dict(model=model, args=training_arguments(cfg, out), train_dataset=train_features,
-                  data_collator=collator(tokenizer), processing_class=tokenizer, step_log=out / "train_log.jsonl")
-    return TRAINERS[cfg.method](**kwargs, **method_kwargs(cfg, tokenizer, safety, records))
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path, records=None, encoded=None):
+    """The method's trainer. Its own data: `encoded` (trainer keyword -> features) if given, else `records` (from
+    `method_records`) encoded, else read from the config."""
+    method = get_method(cfg.method)
+    encoded = encoded if encoded is not None else method_data.features(method, cfg, tokenizer, records)
+    return method.trainer(model=model, args=training_arguments(cfg, out, method.trainer), train_dataset=train_features,
+                          data_collator=collator(tokenizer), processing_class=tokenizer,
+                          step_log=out / "train_log.jsonl", **encoded)
 
 
 def _logged_mean_loss(out: Path) -> float | None:
@@ -293,8 +245,7 @@ def run_train(cfg: TrainConfig) -> dict:
     returns the manifest of a finished run of the same settings without training again.
     """
     out = check_output_dir(cfg.output_dir)
-    if cfg.method == "sap" and not cfg.safety_data:
-        raise UserError("method 'sap' needs --safety-data (a dataset of prompt/safe/harmful pairs)")
+    method_data.check_sources(get_method(cfg.method), cfg)
     main_process = os.environ.get("RANK", "0") == "0"  # under DDP every rank runs this; one writes and locks
     data = data_fingerprints(cfg)  # a missing dataset fails here, before anything is loaded
     with output_lock(out) if main_process else contextlib.nullcontext():

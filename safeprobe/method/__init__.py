@@ -1,21 +1,20 @@
-"""Fine-tuning methods, one trainer per method. Add a defense by adding one module and one registry line.
-
-TRAINERS are the fine-tuning-stage methods (`safeprobe train`); ALIGNERS the alignment-stage ones (`safeprobe
-align`), which make the aligned base that fine-tuning later starts from.
+"""Fine-tuning methods, one trainer per method. Add a defense by adding one module that ends with its
+`register(Method(...))` line (see `registry`): fine-tuning-stage methods run in `safeprobe train`, alignment-stage
+ones in `safeprobe align`, which makes the aligned base that fine-tuning later starts from.
 """
-from .base import SafeprobeTrainer
-from .booster import BoosterTrainer
-from .config import SafeprobeConfig
-from .lisa import LisaConfig, LisaTrainer
-from .probe import Probe, resolve_layers
-from .sap import SAPConfig
-from .safeinstr import SafeInstrTrainer
+# in the order the methods are listed (registration order): sft, sap, safeinstr, lisa; plain, vaccine, booster
+from .base import SafeprobeTrainer  # noqa: I001
 from .sap_trainer import SAPTrainer
-from .vaccine import VaccineTrainer
+from .safeinstr import SafeInstrTrainer
+from .lisa import LisaConfig, LisaTrainer
+from .vaccine import VaccineConfig, VaccineTrainer
+from .booster import BoosterConfig, BoosterTrainer
+from .config import SafeprobeConfig
+from .probe import Probe, resolve_layers
+from .registry import ALIGN, TRAIN, DataRole, Method, Series, get_method, methods, register
+from .sap import SAPConfig
 
-# plain fine-tuning (sft, plain) is SafeprobeTrainer itself: TRL's SFTTrainer with the fault guard and step log
-TRAINERS = {"sft": SafeprobeTrainer, "sap": SAPTrainer, "safeinstr": SafeInstrTrainer, "lisa": LisaTrainer}
-ALIGNERS = {"plain": SafeprobeTrainer, "vaccine": VaccineTrainer, "booster": BoosterTrainer}
-
-__all__ = ["ALIGNERS", "BoosterTrainer", "LisaConfig", "LisaTrainer", "Probe", "SAPConfig", "SAPTrainer",
-           "SafeInstrTrainer", "SafeprobeConfig", "SafeprobeTrainer", "TRAINERS", "VaccineTrainer", "resolve_layers"]
+__all__ = ["ALIGN", "BoosterConfig", "BoosterTrainer", "DataRole", "LisaConfig", "LisaTrainer", "Method", "Probe", "SAPConfig",
+           "SAPTrainer", "SafeInstrTrainer", "SafeprobeConfig", "SafeprobeTrainer", "Series", "TRAIN", "VaccineConfig",
+           "VaccineTrainer",
+           "get_method", "methods", "register", "resolve_layers"]

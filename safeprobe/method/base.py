@@ -23,6 +23,7 @@ from ..memory import keep_freed_memory
 from . import checkpoint
 from .config import SafeprobeConfig
 from .losses import response_loss
+from .registry import ALIGN, Method, register
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,10 @@ class SafeprobeTrainer(SFTTrainer):
                     logs[f"{self.method_name}/{key}"] = round(sum(finite) / len(finite), 6)
             self._window_stats = {}
         super().log(logs, *args, **kwargs)
+
+
+register(Method("sft", SafeprobeTrainer, summary="plain fine-tuning: TRL's SFTTrainer"))
+register(Method("plain", SafeprobeTrainer, stage=ALIGN, summary="plain alignment on refusals and self-answers"))
 
 
 class _FlushStepStats(TrainerCallback):

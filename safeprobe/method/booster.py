@@ -26,6 +26,7 @@ import torch
 from ..data.tokenize import collator
 from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .config import SafeprobeConfig, _help, check_minimum
+from .registry import ALIGN, DataRole, Method, register
 from .losses import response_loss
 from .sap import Scaled, at_least_fp32, global_norm, perturbed, same_randomness
 
@@ -116,3 +117,7 @@ class BoosterTrainer(SafeprobeTrainer):
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
         self._harmful = self._harmful_stream(skip=state["harmful_batches_drawn"])
+
+
+register(Method("booster", BoosterTrainer, stage=ALIGN, summary="attenuating harmful perturbation (Huang et al. 2025)",
+                data=(DataRole("harmful_dataset", "harmful_data", "n_harmful", "harmful examples", "harmful"),)))

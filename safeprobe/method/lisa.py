@@ -16,6 +16,7 @@ from ..data.tokenize import collator
 from .base import EndlessBatches, SafeprobeTrainer
 from .checkpoint import numbered, unnumbered
 from .config import SafeprobeConfig, _help, check_minimum
+from .registry import DataRole, Method, register
 
 
 @dataclass
@@ -87,3 +88,7 @@ class LisaTrainer(SafeprobeTrainer):
         self._state = state["lisa_state"]
         self._alignment = self._alignment_stream(skip=state["alignment_batches_drawn"])
         self._anchor = unnumbered(state, "anchor", self._params[0].device)
+
+
+register(Method("lisa", LisaTrainer, summary="bi-state optimisation with a proximal term (Huang et al. 2024)",
+                data=(DataRole("alignment_dataset", "alignment_data", "n_safety", "examples", "alignment", None),)))

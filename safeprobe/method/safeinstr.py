@@ -4,6 +4,7 @@ instruction -> refusal) mixed into the fine-tuning data; the optimisation itself
 A few percent of the data already helps; too many demonstrations cause over-refusal (`--n-safety` is the knob).
 """
 from .base import SafeprobeTrainer
+from .registry import DataRole, Method, register
 
 
 class SafeInstrTrainer(SafeprobeTrainer):
@@ -14,3 +15,7 @@ class SafeInstrTrainer(SafeprobeTrainer):
             raise ValueError("SafeInstrTrainer needs safety_demos (encoded harmful instruction -> refusal examples)")
         # The Trainer's seeded sampler shuffles the mixture, so demonstrations are spread over the run.
         super().__init__(*args, train_dataset=list(train_dataset) + list(safety_demos), **kwargs)
+
+
+register(Method("safeinstr", SafeInstrTrainer, summary="safety demonstrations mixed into the task data (Bianchi et al. 2024)",
+                data=(DataRole("safety_demos", "alignment_data", "n_safety", "examples", "alignment", None),)))

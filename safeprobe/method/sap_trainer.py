@@ -26,6 +26,7 @@ from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .checkpoint import numbered, unnumbered
 from .dropout_masks import DropoutMasks
 from .probe import Probe
+from .registry import DataRole, Method, Series, register
 from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
 from .shared_forward import SharedLowerForward
 from .shared_prompt import SharedPromptPass
@@ -60,6 +61,7 @@ class SAPTrainer(SafeprobeTrainer):
         self._s, self._s_step = None, None
         self._V, self._V_step = None, None
         self._ref = None  # reference mode: the probe as a parameter with its own AdamW
+        self._unprobed = None  # L(W, 0) of the current micro-batch, when this step computed it
 
     # -- data --------------------------------------------------------------------------------------
     def _safety_stream(self, skip: int = 0) -> EndlessBatches:
@@ -87,7 +89,11 @@ class SAPTrainer(SafeprobeTrainer):
                 else self._paper_probe(model, inputs)
         # step 5: the ordinary step, probed
         with self.probe.active(V_safe), self._shared.replayed(inputs), self._masks.replayed(inputs, last=True):
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._unprobed is not None:  # how much the probe raised the loss step 5 descends
+            self.record(probe_raise=float(loss) * self.current_gradient_accumulation_steps - self._unprobed)
+            self._unprobed = None
+        return loss
 
     def _harmful_perturbation(self, model, force: bool = False) -> list | None:
         """Step 1 (every `safety_every` steps): s on a safety batch, probe off -> dW (None: s not finite)."""
@@ -125,6 +131,7 @@ class SAPTrainer(SafeprobeTrainer):
         # task_loss_unprobed: L(W, 0) on this batch, what SFT's step would see; task_loss (step 5) is L(W, V_safe)
         self.record(g_v_norm=global_norm(g_V), v_safe_norm=global_norm(self._V), l_su=loss_perturbed - loss,
                     task_loss_unprobed=loss)
+        self._unprobed = float(loss)
         return self._V
 
     def _reference_probe(self, model, inputs) -> list:
@@ -191,3 +198,10 @@ class SAPTrainer(SafeprobeTrainer):
         dot = sum((g.float() * s).sum() for g, s in zip(grads, self._s))
         denom = global_norm(grads) * global_norm(self._s)
         self.record(cos_task_safety=float(dot / denom) if denom > 0 else 0.0)
+
+
+register(Method(
+    "sap", SAPTrainer, aliases=("sap-reference",), summary="Safety-Aware Probing (Wu et al. 2025)",
+    data=(DataRole("safety_dataset", "safety_data", "n_safety", "pairs", "safety"),),
+    series=(Series("probe_raise", "SAP: loss with the probe minus without", "L(W, V_safe) - L(W, 0)"),
+            Series("l_su", "cumulative L_su (SAP)", "sum of L_su", cumulative=True))))

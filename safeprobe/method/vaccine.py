@@ -24,6 +24,7 @@ import torch
 
 from .base import SafeprobeTrainer, all_finite
 from .config import SafeprobeConfig, _help, check_choice, check_minimum
+from .registry import ALIGN, Method, register
 from .losses import response_loss
 from .probe import Probe
 from .sap import frozen, global_norm, same_randomness
@@ -107,3 +108,6 @@ class VaccineTrainer(SafeprobeTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         with added_to_layer_outputs(model, perturbations(grads, self.rho, self.norm)):
             return super().training_step(model, inputs, num_items_in_batch)
+
+
+register(Method("vaccine", VaccineTrainer, stage=ALIGN, summary="perturbation-aware alignment (Huang et al. 2024)"))

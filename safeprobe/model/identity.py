@@ -56,7 +56,8 @@ def _samples(model) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel()), device=flat.device).long()
+            k = min(SAMPLES, flat.numel())  # evenly spaced, in integers (a float32 linspace overshoots past 2^24)
+            index = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             out[name] = flat[index].cpu()
     return out
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..io import write_text
 from ..method.diagnostics import read_diagnostics
+from ..method.registry import method_of_run
 from . import plots
 from .summary import HEADLINES, against_reference, run_metrics
 
@@ -255,12 +256,12 @@ def _training(out: Path, results: dict, setting: str, colour: dict, title: str) 
     task_loss = _series(logs, "task_loss")
     if task_loss:
         panels = [{"title": "task loss per step", "ylabel": "task loss", "series": task_loss}]
-        probe_raise = _series(_probe_raise(logs), "probe_raise")
-        if probe_raise:
-            panels.append({"title": "SAP: loss with the probe minus without", "ylabel": "L(W, V_safe) - L(W, 0)",
-                           "series": probe_raise})
-        blocks.append(Block("figure", "Task loss per optimiser step (mean over seeds, band ± spread); for SAP, "
-                            "the loss it descends is taken with the probe on", png=plots.step_curves(panels, colour),
+        for series in _method_series(runs):
+            values = _series(logs, series.key, series.cumulative)
+            if values:
+                panels.append({"title": series.title, "ylabel": series.ylabel, "series": values})
+        blocks.append(Block("figure", "Task loss per optimiser step (mean over seeds, band ± spread), and the "
+                            "series each method declares; for SAP, the loss it descends is taken with the probe on", png=plots.step_curves(panels, colour),
                             name=_file_name("task-loss", setting)))
     blocks += [Block("h3", "Diagnostics (SAP paper, Figures 2 and 3)"), Block("p", DIAGNOSTICS_NOTE)]
     maps = _cosine_maps(diagnostics)
@@ -271,11 +272,10 @@ def _training(out: Path, results: dict, setting: str, colour: dict, title: str) 
                                                                                      "cos_useful_harmful_all")},
               {"title": "loss on harmful answers", "ylabel": "loss", "series": _series(diagnostics, "loss_harmful")},
               {"title": "loss on held-out useful data", "ylabel": "loss",
-               "series": _series(diagnostics, "loss_useful_heldout")},
-              {"title": "cumulative L_su (SAP)", "ylabel": "sum of L_su", "series": _series(logs, "l_su", True)}]
+               "series": _series(diagnostics, "loss_useful_heldout")}]
     panels = [p for p in panels if p["series"]]
     if panels:
-        blocks.append(Block("figure", "Harmful-answer and held-out useful losses, cumulative L_su", name=_file_name(
+        blocks.append(Block("figure", "Harmful-answer and held-out useful losses", name=_file_name(
             "diagnostics", setting), png=plots.step_curves(panels, colour)))
     elif not maps:
         blocks.append(Block("p", "No diagnostics recorded (diagnostics_every was 0)."))
@@ -308,11 +308,15 @@ def _jsonl(path: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
-def _probe_raise(logs: dict[str, list[list[dict]]]) -> dict[str, list[list[dict]]]:
-    """Per step, how much SAP's probe raised the task loss its final pass descends (SAP rows only)."""
-    return {label: [[{"step": r["step"], "probe_raise": r["task_loss"] - r["task_loss_unprobed"]}
-                     for r in rows if isinstance(r.get("task_loss_unprobed"), (int, float)) and "task_loss" in r]
-                    for rows in runs] for label, runs in logs.items()}
+def _method_series(runs: dict[str, list[dict]]) -> list:
+    """The step series the compared runs' methods declare in the registry, each once, in table order."""
+    found = {}
+    for rs in runs.values():
+        for run in rs:
+            method = method_of_run(run.get("method", ""))
+            for series in method.series if method else ():
+                found.setdefault(series.key, series)
+    return list(found.values())
 
 
 def _series(per_label: dict[str, list[list[dict]]], key: str, cumulative: bool = False) -> dict:

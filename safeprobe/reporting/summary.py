@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import statistics
 
+from ..method.registry import BASELINE
+
 HEADLINES = ("harmful_score", "refusal_rate", "accuracy")
 TRAIN_FIGURES = {"train_time_s": "wall_time_s", "peak_memory_mb": "peak_memory_mb"}
 
@@ -73,11 +75,12 @@ def summarise(results: dict) -> tuple[dict, dict]:
 
 
 def reference_label(labels: dict[str, list[str]], runs: dict) -> str | None:
-    """The plain fine-tuning entry defenses are measured against: `sft`, else the first entry whose method is sft."""
-    if "sft" in labels:
-        return "sft"
+    """The plain fine-tuning entry defenses are measured against: the one named after the registry's baseline
+    method, else the first entry whose runs used it."""
+    if BASELINE in labels:
+        return BASELINE
     return next((label for label, names in labels.items()
-                 if any(runs.get(n, {}).get("method") == "sft" for n in names)), None)
+                 if any(runs.get(n, {}).get("method") == BASELINE for n in names)), None)
 
 
 def against_reference(results: dict, setting: str) -> dict[str, dict]:
