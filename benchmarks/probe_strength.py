@@ -28,7 +28,9 @@ import torch
 from transformers import set_seed
 
 from safeprobe.data.tokenize import PairCollator, collator, encode_all
-from safeprobe.experiments.train import TrainConfig, prepare_model, safety_features, task_examples
+from safeprobe.experiments import method_data
+from safeprobe.experiments.train import TrainConfig, prepare_model, task_examples
+from safeprobe.method import get_method
 from safeprobe.method.losses import response_loss
 from safeprobe.method.probe import Probe
 from safeprobe.method.sap import global_norm, perturbation, probe_gradient, safety_direction
@@ -104,7 +106,7 @@ def main():
     model, tokenizer = prepare_model(cfg)
     examples, _ = task_examples(cfg)
     features = encode_all(tokenizer, examples, cfg.max_length).features
-    pairs = safety_features(cfg, tokenizer)
+    pairs = method_data.features(get_method("sap"), cfg, tokenizer)["safety_dataset"]
     params = [p for p in model.parameters() if p.requires_grad]
     probe = Probe(model, cfg.probe_layers)
     task_batch, pair_batch = collator(tokenizer), PairCollator(tokenizer)

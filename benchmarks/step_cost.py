@@ -32,6 +32,7 @@ from transformers import ProgressCallback, TrainerCallback
 from safeprobe.data import Example, SafetyPair
 from safeprobe.data.tokenize import encode, encode_pairs
 from safeprobe.experiments.train import TrainConfig, build_trainer, prepare_model
+from safeprobe.method import get_method
 from safeprobe.method.sap import default_safety_batch_size
 from safeprobe.memory import keep_freed_memory
 
@@ -216,7 +217,8 @@ def make_trainer(mode: str, args, max_steps: int | None = None):
     n = args.batch * (args.warmup + args.steps)
     features, pairs = synthetic_batches(tokenizer, n, args.seq_len, n_pairs=max(n, args.safety_pairs))
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(cfg, model, tokenizer, features, Path(cfg.output_dir), safety=pairs)
+    trainer = build_trainer(cfg, model, tokenizer, features, Path(cfg.output_dir),
+                            encoded={role.kwarg: pairs for role in get_method(cfg.method).data})
     trainer.remove_callback(ProgressCallback)  # one progress bar per thread would garble the table
     tokens = sum(len(f["input_ids"]) for f in features[: args.batch])
     return trainer, tokens, cfg

@@ -263,7 +263,7 @@ def test_the_demo_aligns_once_then_compares_the_methods_from_the_aligned_base(tm
     assert [cfg.method for cfg in aligned] == ["plain", "plain"] and aligned[0].model == "smollm2-135m-instruct"
     quick, full = compared
     assert list(quick.methods) == ["sft", "sap"] and list(full.methods) == ["sft", "sap", "safeinstr", "lisa"]
-    assert all(cfg.methods["sap"] == demo.SAP and cfg.methods["sft"] == {} for cfg in compared)
+    assert all(cfg.methods["sap"] == demo.METHOD_SETTINGS["sap"] and cfg.methods["sft"] == {} for cfg in compared)
     for cfg in compared:  # every method starts from the aligned base, on the same poisoned SST-2 data and seed
         assert cfg.base["model"] == str(tmp_path / "aligned") and cfg.base["poison_ratio"] == 0.1
         assert cfg.base["task"] == "sst2" and cfg.seeds == [42] and cfg.include_base

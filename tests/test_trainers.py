@@ -139,9 +139,10 @@ def test_full_finetuning_with_gradient_accumulation_and_dpo_safety_loss(tmp_path
 
 def test_asking_for_more_safety_records_than_the_source_has_warns_and_uses_them_all(tmp_path, caplog):
     from conftest import data_files
-    from safeprobe.experiments.train import safety_features
+    from safeprobe.experiments import method_data
+    from safeprobe.method import get_method
     from safeprobe.model import load_model
     _, tok = load_model("tiny-random-llama")
     cfg = TrainConfig(method="sap", model="tiny-random-llama", n_safety=1000, **data_files(tmp_path))
-    assert len(safety_features(cfg, tok)) == 8  # the file's 8 pairs
+    assert len(method_data.features(get_method("sap"), cfg, tok)["safety_dataset"]) == 8  # the file's 8 pairs
     assert "has 8 records, n_safety asks for 1000: using 8" in caplog.text
