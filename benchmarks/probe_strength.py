@@ -2,7 +2,7 @@
 
     python benchmarks/probe_strength.py --model MODEL --task sst2 --poison-ratio 0.1 [--norms 0.1,0.3,1,3,10]
 
-To first order SAP's step is the SFT step plus a descent step on the safety loss (sap.py), and its size grows with
+To first order SAP's step is the SFT step plus a descent step on the safety loss (method/sap/algorithm.py), and its size grows with
 the probe's norm |V_safe| = beta * |g_V|. This script measures, on a few task batches and safety batches drawn as
 SAP would draw them (fresh LoRA, no optimiser step), for probes of fixed norms along g_V:
 
@@ -32,8 +32,9 @@ from safeprobe.experiments import method_data
 from safeprobe.experiments.train import TrainConfig, prepare_model, task_examples
 from safeprobe.method import get_method
 from safeprobe.method.losses import response_loss
-from safeprobe.method.probe import Probe
-from safeprobe.method.sap import global_norm, perturbation, probe_gradient, safety_direction
+from safeprobe.method.sap.probe import Probe
+from safeprobe.method.weights import global_norm
+from safeprobe.method.sap.algorithm import perturbation, probe_gradient, safety_direction
 from safeprobe.model.layers import decoder_layers
 
 

@@ -19,9 +19,9 @@ import torch
 from safeprobe.data import load_pairs
 from safeprobe.data.tokenize import PairCollator, encode_pairs
 from safeprobe.experiments.train import TrainConfig, prepare_model
-from safeprobe.method.losses import contrastive_safety_loss
-from safeprobe.method.sap import safety_direction
-from safeprobe.method.shared_prompt import SharedPromptPass, layout_tokens
+from safeprobe.method.sap.safety_loss import contrastive_safety_loss
+from safeprobe.method.sap.algorithm import safety_direction
+from safeprobe.method.sap.shared_prompt import SharedPromptPass, layout_tokens
 
 
 def batches(tokenizer, args) -> list[dict]:

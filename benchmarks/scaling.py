@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from step_cost import measure
 
-from safeprobe.method.sap import default_safety_batch_size
+from safeprobe.method.sap.config import default_safety_batch_size
 from safeprobe.model import load_model, model_summary
 
 REFERENCE = dict(seq_len=128, probe_layers="middle", lora_r=8)

@@ -33,7 +33,7 @@ from safeprobe.data import Example, SafetyPair
 from safeprobe.data.tokenize import encode, encode_pairs
 from safeprobe.experiments.train import TrainConfig, build_trainer, prepare_model
 from safeprobe.method import get_method
-from safeprobe.method.sap import default_safety_batch_size
+from safeprobe.method.sap.config import default_safety_batch_size
 from safeprobe.memory import keep_freed_memory
 
 MODES = {"sft": dict(method="sft"), "sap": dict(method="sap"),

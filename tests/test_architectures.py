@@ -14,10 +14,11 @@ from conftest import full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.evaluation.runner import run_eval
 from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
-from safeprobe.method.probe import Probe
-from safeprobe.method.sap import global_norm, perturbation, probe_gradient, safe_probe, safety_direction
-from safeprobe.method.shared_forward import SharedLowerForward
-from safeprobe.method.shared_prompt import SharedPromptPass
+from safeprobe.method.sap.probe import Probe
+from safeprobe.method.weights import global_norm
+from safeprobe.method.sap.algorithm import perturbation, probe_gradient, safe_probe, safety_direction
+from safeprobe.method.sap.shared_forward import SharedLowerForward
+from safeprobe.method.sap.shared_prompt import SharedPromptPass
 from safeprobe.model.embedded import embedded_dir
 from safeprobe.model.tiny import build_random_model
 from safeprobe.model.tokenizer import prepare_tokenizer

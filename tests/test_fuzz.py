@@ -28,7 +28,7 @@ from safeprobe.errors import UserError
 from safeprobe.experiments.train import TrainConfig, training_arguments
 from safeprobe.io import check_output_dir
 from safeprobe.method import methods
-from safeprobe.method.sap import EPS_MODES, MODES, SAFETY_LOSSES
+from safeprobe.method.sap.config import EPS_MODES, MODES, SAFETY_LOSSES
 
 CASES = collections.Counter()  # property name -> generated cases run
 ACCEPTED = collections.Counter()  # property name -> cases that gave a result rather than a UserError

@@ -19,7 +19,8 @@ from safeprobe.cli.main import main
 from safeprobe.errors import UserError
 from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.io import output_lock, sha256_file
-from safeprobe.method import base, sap_trainer
+from safeprobe.method import base
+from safeprobe.method.sap import trainer as sap_trainer
 from safeprobe.method.checkpoint import STATE_JSON, last_complete_checkpoint
 
 from conftest import data_files

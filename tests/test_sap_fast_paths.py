@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 from conftest import PAIRS, full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.experiments.train import TrainConfig, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
-from safeprobe.method.probe import Probe
-from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, safe_probe, \
-    same_randomness, safety_direction
-from safeprobe.method import shared_forward
-from safeprobe.method.dropout_masks import DropoutMasks
-from safeprobe.method.shared_forward import SharedLowerForward
+from safeprobe.method.sap.probe import Probe
+from safeprobe.method.sap.algorithm import perturbation, probe_gradient, safe_probe, safety_direction
+from safeprobe.method.weights import global_norm, perturbed, same_randomness
+from safeprobe.method.sap import shared_forward
+from safeprobe.method.sap.dropout_masks import DropoutMasks
+from safeprobe.method.sap.shared_forward import SharedLowerForward
 from safeprobe.model import decoder_layers
 
 
@@ -234,7 +234,7 @@ def test_the_shared_prompt_layout_rebuilds_every_safe_and_harmful_sequence():
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])
 @pytest.mark.parametrize("kind", ["paper", "dpo"])
 def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
-    from safeprobe.method.shared_prompt import SharedPromptPass
+    from safeprobe.method.sap.shared_prompt import SharedPromptPass
     model, tok = lora_model(name)
     model.eval()  # no dropout: the two layouts must agree to rounding
     batch, params = pair_batch(tok), params_of(model)
@@ -249,7 +249,7 @@ def test_the_shared_prompt_safety_pass_gives_the_padded_batch_s(name, kind):
 
 
 def test_pairs_fill_rows_first_fit_decreasing():
-    from safeprobe.method.shared_prompt import _fill_rows
+    from safeprobe.method.sap.shared_prompt import _fill_rows
     assert _fill_rows([300, 900, 200, 500], 1024) == [[1], [3, 0, 2]]
     assert _fill_rows([2000, 10, 1014], 1024) == [[0], [2, 1]]  # a pair longer than a row has a row of its own
     assert _fill_rows([5, 5, 5], 1) == [[0], [1], [2]]
@@ -257,7 +257,7 @@ def test_pairs_fill_rows_first_fit_decreasing():
 
 
 def test_the_block_mask_shows_each_answer_its_own_prompt_and_itself():
-    from safeprobe.method.shared_prompt import HARMFUL, PREFIX, SAFE, block_mask
+    from safeprobe.method.sap.shared_prompt import HARMFUL, PREFIX, SAFE, block_mask
     #         pair 0: prompt, safe, harmful x2 | pair 1: prompt, safe, harmful | padding
     pair = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
     part = torch.tensor([[PREFIX, SAFE, HARMFUL, HARMFUL, PREFIX, SAFE, HARMFUL, PREFIX]])
@@ -280,7 +280,7 @@ REFUSAL_PAIRS[1] = (PAIRS[1][0], f"{PAIRS[1][1]} " * 6, "Sure.")
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
 def test_pairs_packed_into_shared_rows_give_the_padded_batch_s(name, monkeypatch):
-    from safeprobe.method import shared_prompt
+    from safeprobe.method.sap import shared_prompt
     model, tok = lora_model(name)
     model.eval()
     batch, params = pair_batch(tok, REFUSAL_PAIRS), params_of(model)
@@ -304,7 +304,7 @@ def test_pairs_packed_into_shared_rows_give_the_padded_batch_s(name, monkeypatch
 
 
 def test_the_packed_safety_pass_runs_under_gradient_checkpointing():
-    from safeprobe.method.shared_prompt import SharedPromptPass
+    from safeprobe.method.sap.shared_prompt import SharedPromptPass
     model, tok = lora_model()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing acts in training mode only; no dropout, so the layouts agree to rounding
@@ -322,7 +322,7 @@ def test_the_packed_safety_pass_runs_under_gradient_checkpointing():
 
 
 def test_a_model_that_ignores_the_block_mask_falls_back_to_the_padded_batch(monkeypatch, caplog):
-    from safeprobe.method import shared_prompt
+    from safeprobe.method.sap import shared_prompt
     model, tok = lora_model()
     batch, params = pair_batch(tok), params_of(model)
     # a model that ignores the block mask: every token sees every other one
@@ -338,7 +338,7 @@ def test_a_model_that_ignores_the_block_mask_falls_back_to_the_padded_batch(monk
 
 
 def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_path, monkeypatch):
-    from safeprobe.method import shared_prompt
+    from safeprobe.method.sap import shared_prompt
     calls = []
     original = shared_prompt.packed_logprobs
     monkeypatch.setattr(shared_prompt, "packed_logprobs", lambda *a: calls.append(1) or original(*a))
@@ -348,7 +348,7 @@ def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_p
 
 
 def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(monkeypatch):
-    import safeprobe.method.shared_prompt as shared_prompt
+    import safeprobe.method.sap.shared_prompt as shared_prompt
     model, tok = lora_model()
     batch = pair_batch(tok)
     layout = batch["shared_prompt"]
@@ -370,7 +370,7 @@ def test_a_sliding_window_shorter_than_the_shared_layout_uses_the_padded_batch(m
 ])
 def test_the_safety_batch_defaults_to_half_the_task_batch_and_runs_in_chunks_of_at_most_the_task_batch(
         tmp_path, monkeypatch, batch_size, safety_batch_size, chunks):
-    from safeprobe.method import sap_trainer
+    from safeprobe.method.sap import trainer as sap_trainer
     sizes = []
     original = sap_trainer.safety_direction
     def recording(model, params, chunks, *args):

@@ -5,9 +5,11 @@ import torch
 from conftest import PAIRS, lora_model, pair_batch, task_batch
 from safeprobe.data import SafetyPair
 from safeprobe.data.tokenize import PairCollator, encode_pairs
-from safeprobe.method.losses import contrastive_safety_loss, response_loss
-from safeprobe.method.probe import Probe
-from safeprobe.method.sap import global_norm, perturbation, perturbed, probe_gradient, safe_probe, safety_direction
+from safeprobe.method.losses import response_loss
+from safeprobe.method.sap.safety_loss import contrastive_safety_loss
+from safeprobe.method.sap.probe import Probe
+from safeprobe.method.weights import global_norm, perturbed
+from safeprobe.method.sap.algorithm import perturbation, probe_gradient, safe_probe, safety_direction
 
 
 def params_of(model):
@@ -127,7 +129,7 @@ def test_one_sap_step_lowers_safety_loss_at_least_as_much_as_sft():
 @pytest.mark.parametrize("kind", ["paper", "dpo"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_safety_batch_in_chunks_gives_the_whole_batch_s(kind, shared):
-    from safeprobe.method.shared_prompt import SharedPromptPass
+    from safeprobe.method.sap.shared_prompt import SharedPromptPass
     model, tok = lora_model()
     model.eval()  # no dropout: one batch and its chunks must agree to rounding
     params = params_of(model)

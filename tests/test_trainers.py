@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from conftest import lora_model
 from safeprobe.cli.main import main
 from safeprobe.experiments.train import TrainConfig, run_train
-from safeprobe.method.probe import Probe, resolve_layers
-from safeprobe.method.sap_trainer import SAPTrainer
+from safeprobe.method.sap.probe import Probe, resolve_layers
+from safeprobe.method.sap.trainer import SAPTrainer
 
 TINY = dict(model="tiny-random-llama", task="sst2", n=16, n_safety=8, max_steps=2, batch_size=4,
             safety_batch_size=4, max_length=96, logging_steps=1, lora_dropout=0.1)
@@ -65,7 +65,7 @@ def test_probe_layer_specs():
     assert resolve_layers("0.5:1.0", 4) == [2, 3]
     assert resolve_layers((3, "1"), 4) == [1, 3]  # the Python API takes a list
     from safeprobe.errors import UserError
-    from safeprobe.method.probe import parse_layers
+    from safeprobe.method.sap.probe import parse_layers
     for bad in ("middle-ish", "1:x", ["x", 2]):  # refused by their syntax, before any model exists
         with pytest.raises(UserError, match="not understood"):
             parse_layers(bad)

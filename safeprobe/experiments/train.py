@@ -22,8 +22,8 @@ from ..errors import UserError, check_seed
 from ..io import FILE_MODE, check_output_dir, output_lock, write_json
 from ..method import SafeprobeConfig, SAPConfig, get_method
 from ..method.diagnostics import attach_diagnostics
-from ..method.sap import MODES as SAP_MODES
-from ..method.sap import default_safety_batch_size
+from ..method.sap.config import MODES as SAP_MODES
+from ..method.sap.config import default_safety_batch_size
 from ..model import load_model, make_trainable
 from ..model.identity import base_identity, write_record
 from . import method_data

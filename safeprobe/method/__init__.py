@@ -4,15 +4,14 @@ ones in `safeprobe align`, which makes the aligned base that fine-tuning later s
 """
 # in the order the methods are listed (registration order): sft, sap, safeinstr, lisa; plain, vaccine, booster
 from .base import SafeprobeTrainer  # noqa: I001
-from .sap_trainer import SAPTrainer
+from .sap import SAPConfig, SAPTrainer
 from .safeinstr import SafeInstrTrainer
 from .lisa import LisaConfig, LisaTrainer
 from .vaccine import VaccineConfig, VaccineTrainer
 from .booster import BoosterConfig, BoosterTrainer
 from .config import SafeprobeConfig
-from .probe import Probe, resolve_layers
+from .sap.probe import Probe, resolve_layers
 from .registry import ALIGN, TRAIN, DataRole, Method, Series, get_method, methods, register
-from .sap import SAPConfig
 
 __all__ = ["ALIGN", "BoosterConfig", "BoosterTrainer", "DataRole", "LisaConfig", "LisaTrainer", "Method", "Probe", "SAPConfig",
            "SAPTrainer", "SafeInstrTrainer", "SafeprobeConfig", "SafeprobeTrainer", "Series", "TRAIN", "VaccineConfig",

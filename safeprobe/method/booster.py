@@ -28,7 +28,7 @@ from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .config import SafeprobeConfig, _help, check_minimum
 from .registry import ALIGN, DataRole, Method, register
 from .losses import response_loss
-from .sap import Scaled, at_least_fp32, global_norm, perturbed, same_randomness
+from .weights import Scaled, at_least_fp32, global_norm, perturbed, same_randomness
 
 
 def loss_gradient(model, params: list, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -26,8 +26,8 @@ from .base import SafeprobeTrainer, all_finite
 from .config import SafeprobeConfig, _help, check_choice, check_minimum
 from .registry import ALIGN, Method, register
 from .losses import response_loss
-from .probe import Probe
-from .sap import frozen, global_norm, same_randomness
+from .sap.probe import Probe  # the same hidden-state hooks: Vaccine perturbs what SAP probes
+from .weights import frozen, global_norm, same_randomness
 
 NORMS = ("layer", "global")
 

@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from .losses import IGNORE, token_logprobs
+from ..losses import IGNORE, token_logprobs
 
 log = logging.getLogger(__name__)
 

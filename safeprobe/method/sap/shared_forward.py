@@ -17,8 +17,8 @@ import logging
 
 import torch
 
-from ..model import decoder_layers
-from ..model.layers import forwards_replaced
+from ...model import decoder_layers
+from ...model.layers import forwards_replaced
 
 log = logging.getLogger(__name__)
 

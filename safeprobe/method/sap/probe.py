@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
-from ..model import decoder_layers
+from ...errors import UserError
+from ...model import decoder_layers
 
 # The paper probes v_11..v_20 of a 32-layer Llama-2: the band [10/32, 20/32) of the depth.
 PAPER_BAND = (10 / 32, 20 / 32)

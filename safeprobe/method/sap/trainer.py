@@ -1,4 +1,4 @@
-"""`SAPTrainer`: Algorithm 1 (see `sap.py`) wired into TRL's `SFTTrainer`.
+"""`SAPTrainer`: Algorithm 1 (see `algorithm.py`) wired into TRL's `SFTTrainer`.
 
 Drop-in for a TRL user: `SFTTrainer`'s arguments, `args` an `SAPConfig` (an `SFTConfig` with SAP's knobs), plus
 `safety_dataset`: safety pairs as a preference dataset (`prompt`, `chosen` = the safe answer, `rejected` = the
@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from ..data.formats import safety_pair_features
-from ..data.tokenize import PairCollator
-from .base import EndlessBatches, SafeprobeTrainer, all_finite
-from .checkpoint import numbered, unnumbered
+from ...data.formats import safety_pair_features
+from ...data.tokenize import PairCollator
+from ..base import EndlessBatches, SafeprobeTrainer, all_finite
+from ..checkpoint import numbered, unnumbered
 from .dropout_masks import DropoutMasks
 from .probe import Probe
-from .registry import DataRole, Method, Series, register
-from .sap import SAPConfig, global_norm, perturbation, probe_gradient, safe_probe, safety_direction, same_randomness
+from ..registry import DataRole, Method, Series, register
+from ..weights import global_norm, same_randomness
+from .algorithm import perturbation, probe_gradient, safe_probe, safety_direction
+from .config import SAPConfig
 from .shared_forward import SharedLowerForward
 from .shared_prompt import SharedPromptPass
 

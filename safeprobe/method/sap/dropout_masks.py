@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from ..model.layers import forwards_replaced
+from ...model.layers import forwards_replaced
 
 log = logging.getLogger(__name__)
 
