@@ -29,7 +29,7 @@ from transformers import set_seed
 
 from safeprobe.data.tokenize import PairCollator, collator, encode_all
 from safeprobe.experiments import method_data
-from safeprobe.experiments.train import TrainConfig, prepare_model, task_examples
+from safeprobe.experiments.train import TrainConfig, train_config, prepare_model, task_examples
 from safeprobe.method import get_method
 from safeprobe.method.losses import response_loss
 from safeprobe.method.sap.probe import Probe
@@ -100,8 +100,8 @@ def main():
     args = parse_args()
     set_seed(args.seed)  # python, numpy and torch
     norms = [float(x) for x in args.norms.split(",")]
-    cfg = TrainConfig(method="sap", model=args.model, task=args.task, safety_data=args.safety_data, n=args.n,
-                      poison_ratio=args.poison_ratio, batch_size=args.batch, max_length=args.max_length,
+    cfg = train_config(method="sap", model_name_or_path=args.model, dataset_name=args.task, safety_data=args.safety_data, n=args.n,
+                      poison_ratio=args.poison_ratio, per_device_train_batch_size=args.batch, max_length=args.max_length,
                       n_safety=args.batches * args.safety_batch, eps=args.eps, probe_layers=args.probe_layers,
                       lora_dropout=0.0, seed=args.seed)
     model, tokenizer = prepare_model(cfg)

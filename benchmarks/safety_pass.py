@@ -18,7 +18,7 @@ import torch
 
 from safeprobe.data import load_pairs
 from safeprobe.data.tokenize import PairCollator, encode_pairs
-from safeprobe.experiments.train import TrainConfig, prepare_model
+from safeprobe.experiments.train import TrainConfig, train_config, prepare_model
 from safeprobe.method.sap.safety_loss import contrastive_safety_loss
 from safeprobe.method.sap.algorithm import safety_direction
 from safeprobe.method.sap.shared_prompt import SharedPromptPass, layout_tokens
@@ -46,7 +46,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    model, tokenizer = prepare_model(TrainConfig(model=args.model, output_dir="unused", method="sap"))
+    model, tokenizer = prepare_model(train_config(model_name_or_path=args.model, output_dir="unused", method="sap"))
     params = [q for q in model.parameters() if q.requires_grad]
     data = batches(tokenizer, args)
     shared = SharedPromptPass()

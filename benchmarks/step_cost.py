@@ -31,14 +31,14 @@ from transformers import ProgressCallback, TrainerCallback
 
 from safeprobe.data import Example, SafetyPair
 from safeprobe.data.tokenize import encode, encode_pairs
-from safeprobe.experiments.train import TrainConfig, build_trainer, prepare_model
+from safeprobe.experiments.train import TrainConfig, train_config, build_trainer, prepare_model
 from safeprobe.method import get_method
 from safeprobe.method.sap.config import default_safety_batch_size
 from safeprobe.memory import keep_freed_memory
 
 MODES = {"sft": dict(method="sft"), "sap": dict(method="sap"),
          "sap_k4": dict(method="sap", safety_every=4, probe_every=4),
-         "reference": dict(method="sap", sap_mode="reference")}
+         "reference": dict(method="sap", mode="reference")}
 
 
 # wall: elapsed time. cpu: CPU time of the process, all threads (the trainers not stepping only wait); on a CPU
@@ -208,10 +208,10 @@ def synthetic_batches(tokenizer, n: int, seq_len: int, n_pairs: int):
 
 
 def make_trainer(mode: str, args, max_steps: int | None = None):
-    cfg = TrainConfig(model=args.model, output_dir=f"{args.output_dir}/{mode}",
-                      max_steps=max_steps or args.warmup + args.steps,
-                      batch_size=args.batch, safety_batch_size=args.safety_pairs, lora_r=args.lora_r,
-                      probe_layers=args.probe_layers, bf16=args.bf16, logging_steps=10**6, seed=0, **MODES[mode])
+    cfg = train_config(shared=True, model_name_or_path=args.model, output_dir=f"{args.output_dir}/{mode}",
+                       max_steps=max_steps or args.warmup + args.steps, per_device_train_batch_size=args.batch,
+                       safety_batch_size=args.safety_pairs, use_peft=args.lora_r > 0, lora_r=max(args.lora_r, 1),
+                       probe_layers=args.probe_layers, bf16=args.bf16, logging_steps=10**6, seed=0, **MODES[mode])
     torch.manual_seed(0)  # the same LoRA initialisation in every mode
     model, tokenizer = prepare_model(cfg)
     n = args.batch * (args.warmup + args.steps)

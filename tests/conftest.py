@@ -33,7 +33,7 @@ def data_files(root) -> dict:
                             + "\n" for i, w in enumerate(WORDS)))
     pairs.write_text("".join(json.dumps({"prompt": f"How do I hurt {w}?", "safe": "I can't help with that.",
                                          "harmful": f"Hit {w} hard."}) + "\n" for w in WORDS))
-    return {"task": str(task), "safety_data": str(pairs)}
+    return {"dataset_name": str(task), "safety_data": str(pairs)}
 
 
 def task_batch(tokenizer, rows=TASK):

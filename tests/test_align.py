@@ -153,7 +153,7 @@ def test_practical_questions_are_a_users_how_to_questions():
 
 
 def test_benign_prompts_come_from_training_sources_only_without_repeats():
-    cfg = align.AlignConfig(n_benign=30, n_sensitive=20, n_questions=25)
+    cfg = align.align_config(n_benign=30, n_sensitive=20, n_questions=25)
     buckets = align.benign_prompts(cfg)
     assert {name: len(bucket) for name, bucket in buckets.items()} == {"sensitive": 20, "question": 25, "general": 30}
     prompts = [p for bucket in buckets.values() for p in bucket]
@@ -182,17 +182,19 @@ def test_self_answers_that_refuse_are_dropped_and_cut_ones_do_not_learn_to_stop(
 
 
 def test_cache_key_follows_what_changes_the_model():
-    data = align.data_fingerprints(align.AlignConfig())
-    key = align.cache_key(align.AlignConfig(), data)
-    assert align.cache_key(align.AlignConfig(rho=9.0, save_steps=5, output_dir="x"), data) == key
-    assert align.cache_key(align.AlignConfig(n_refusal=10), data) != key
-    assert align.cache_key(align.AlignConfig(method="vaccine"), data) != key
-    assert align.cache_key(align.AlignConfig(), {**data, "refusal": {"sha256": "other"}}) != key
+    data = align.data_fingerprints(align.align_config())
+    key = align.cache_key(align.align_config(), data)
+    assert align.cache_key(align.align_config(save_steps=5, output_dir="x"), data) == key
+    vaccine = align.cache_key(align.align_config(method="vaccine"), data)
+    assert align.cache_key(align.align_config(method="vaccine", rho=9.0), data) != vaccine
+    assert align.cache_key(align.align_config(n_refusal=10), data) != key
+    assert align.cache_key(align.align_config(method="vaccine"), data) != key
+    assert align.cache_key(align.align_config(), {**data, "refusal": {"sha256": "other"}}) != key
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
-TINY = ["--model", "tiny-random-llama", "--n-refusal", "6", "--n-benign", "4", "--n-sensitive", "2",
-        "--n-questions", "2", "--max-new-tokens", "4", "--max-steps", "2", "--batch-size", "2", "--n-harmful", "4"]
+TINY = ["--model-name-or-path", "tiny-random-llama", "--n-refusal", "6", "--n-benign", "4", "--n-sensitive", "2",
+        "--n-questions", "2", "--max-new-tokens", "4", "--max-steps", "2", "--per-device-train-batch-size", "2", "--n-harmful", "4"]
 
 
 @pytest.fixture
@@ -228,7 +230,7 @@ def test_align_writes_a_loadable_model_and_a_rerun_reuses_it(home, capsys, monke
 
 
 def test_lora_alignment_saves_plain_weights_that_moved_only_by_the_merged_adapters(home, tmp_path, capsys):
-    code, _, err = run(capsys, "align", *TINY, "--lora-r", "4", "--lr", "1e-2", "--output-dir", str(tmp_path / "l"))
+    code, _, err = run(capsys, "align", *TINY, "--use-peft", "--lora-r", "4", "--learning-rate", "1e-2", "--output-dir", str(tmp_path / "l"))
     assert code == 0, err
     assert not (tmp_path / "l" / "adapter_config.json").exists()  # merged: a plain checkpoint, no adapter
     aligned, base = load_model(str(tmp_path / "l"))[0].state_dict(), load_model("tiny-random-llama")[0].state_dict()
@@ -280,8 +282,8 @@ def test_align_without_the_data_says_where_to_put_it(home, tmp_path, capsys, mon
 
 
 def test_an_interrupted_alignment_resumes_from_its_last_checkpoint(home, tmp_path, monkeypatch):
-    cfg = align.AlignConfig(model="tiny-random-llama", n_refusal=6, n_benign=2, n_sensitive=2, n_questions=2,
-                            max_new_tokens=4, max_steps=2, batch_size=2, save_steps=1, output_dir=str(tmp_path / "out"))
+    cfg = align.align_config(model_name_or_path="tiny-random-llama", n_refusal=6, n_benign=2, n_sensitive=2, n_questions=2,
+                            max_new_tokens=4, max_steps=2, per_device_train_batch_size=2, save_steps=1, output_dir=str(tmp_path / "out"))
     save = align.save_model
     monkeypatch.setattr(align, "save_model", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # killed after training, before the model was saved

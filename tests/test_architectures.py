@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from conftest import full_logits_logprobs, lora_model, pair_batch, task_batch
 from safeprobe.evaluation.runner import run_eval
-from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.experiments.train import TrainConfig, train_config, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
 from safeprobe.method.sap.probe import Probe
 from safeprobe.method.weights import global_norm
@@ -84,8 +84,8 @@ def test_sap_fast_paths_give_algorithm_1(model_dirs, model_type):
 @pytest.mark.parametrize("model_type", ["gpt_neox", "bloom"])
 def test_sap_trains_and_the_adapter_is_evaluated(model_dirs, model_type, tmp_path):
     out = tmp_path / "run"
-    info = run_train(TrainConfig(method="sap", model=str(model_dirs[model_type]), task="sst2", n=8, n_safety=4,
-                                 max_steps=2, batch_size=2, safety_batch_size=2, max_length=96, probe_norm=1.0,
+    info = run_train(train_config(method="sap", model_name_or_path=str(model_dirs[model_type]), dataset_name="sst2", n=8, n_safety=4,
+                                 max_steps=2, per_device_train_batch_size=2, safety_batch_size=2, max_length=96, probe_norm=1.0,
                                  diagnostics_every=1, output_dir=str(out)))
     assert info["global_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
     assert len((out / "diagnostics.jsonl").read_text().splitlines()) == 3  # before training, after each step

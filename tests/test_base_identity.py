@@ -63,8 +63,8 @@ def test_an_adapter_without_a_record_loads_unchecked_and_one_with_a_record_is_ch
 def test_eval_on_another_base_is_refused_in_one_line_and_allowed_with_the_override(tmp_path, capsys):
     files = data_files(tmp_path)
     out = tmp_path / "sft"
-    assert main(["train", "--method", "sft", "--model", "tiny-random-llama", "--task", files["task"], "--n", "4",
-                 "--max-steps", "1", "--batch-size", "2", "--max-length", "40", "--lora-r", "2",
+    assert main(["train", "--method", "sft", "--model-name-or-path", "tiny-random-llama", "--dataset-name", files["dataset_name"], "--n", "4",
+                 "--max-steps", "1", "--per-device-train-batch-size", "2", "--max-length", "40", "--lora-r", "2",
                  "--output-dir", str(out)]) == 0
     record = json.loads((out / RECORD_FILE).read_text())
     run = json.loads((out / "run.json").read_text())

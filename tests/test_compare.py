@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from safeprobe.cli.main import main
 from safeprobe.experiments import compare as compare_module
 from safeprobe.experiments import train as train_module
-from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.experiments.train import TrainConfig, train_config, run_train
 from safeprobe.method.diagnostics import cosine, layer_groups, measure, read_diagnostics
 from safeprobe.reporting.summary import run_metrics, stats
 
@@ -21,7 +21,8 @@ from conftest import data_files, lora_model, task_batch
 
 
 def tiny_config(root: Path) -> dict:
-    base = {"model": "tiny-random-llama", "n": 6, "n_safety": 4, "max_steps": 2, "batch_size": 2,
+    base = {"model_name_or_path": "tiny-random-llama", "n": 6, "n_safety": 4, "max_steps": 2,
+            "per_device_train_batch_size": 2,
             "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "logging_steps": 1, "save_steps": 1,
             **data_files(root)}
     return {"output_dir": str(root / "out"), "base": base, "methods": ["sft", "sap"], "seeds": [1, 2],
@@ -172,7 +173,7 @@ def test_an_edited_data_file_makes_new_runs_and_an_edited_prompt_file_a_new_eval
     def folders():
         return {run.folder_name for run in plan(from_mapping(CompareConfig, config, "c")).runs.values()}
     before = folders()
-    task = Path(config["base"]["task"])
+    task = Path(config["base"]["dataset_name"])
     task.write_text(task.read_text() + task.read_text().splitlines()[0] + "\n")
     assert before.isdisjoint(folders())
     prompts = tmp_path / "prompts.csv"
@@ -224,10 +225,10 @@ def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatc
     ({"sweep": {"sap": {"betta": [0.1]}}}, "unknown key 'betta'"),
     ({"eval": {"suites": ["nope"]}}, "unknown suite 'nope'"),
     ({"eval": {"limit": 0}}, "limit must be >= 1"),
-    ({"base": {"task": "no/such/task.jsonl"}}, "no/such/task.jsonl"),  # before the base model's evaluation
+    ({"base": {"dataset_name": "no/such/task.jsonl"}}, "no/such/task.jsonl"),  # before the base model's evaluation
     ({"base": {"seed": 3}}, "'seed' is set by compare"),
     ({"settings": {"p0": {"output_dir": "x"}}}, "'output_dir' is set by compare"),
-    ({"methods": {"sap": {"lr": -1}}}, "methods.sap: lr must be > 0, got -1"),  # the section is named
+    ({"methods": {"sap": {"learning_rate": -1}}}, "methods.sap: learning_rate must be > 0, got -1"),  # the section is named
     ({"settings": {"p10": {"poison_ratio": 1.5}}}, "settings.p10: poison_ratio must be in [0, 1]"),
     ({"seeds": [1, -1]}, "key 'seeds': a seed must be in [0, 2**32 - 1], got -1"),
     ({"sweep": {"sap": {"beta": [0.5], "seeds": [-2]}}}, "key 'sweep.sap.seeds': a seed must be in"),
@@ -240,12 +241,12 @@ def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
     assert not (tmp_path / "out").exists()  # nothing was trained or written
 
 
-@pytest.mark.parametrize("key", ["safety_data", "task"])
+@pytest.mark.parametrize("key", ["safety_data", "dataset_name"])
 def test_a_bad_row_in_any_runs_data_is_an_error_before_anything_is_evaluated(tmp_path, capsys, key):
     config = tiny_config(tmp_path)
     bad = tmp_path / "bad.jsonl"
     rows = {"safety_data": '{"prompt": "p", "safe": "No.", "harmful": "Yes."}\n{"prompt": "q", "safe": "No."}\n',
-            "task": '{"prompt": "p", "completion": "ok"}\n{"prompt": "q"}\n'}
+            "dataset_name": '{"prompt": "p", "completion": "ok"}\n{"prompt": "q"}\n'}
     bad.write_text(rows[key])
     config["base"][key] = str(bad)
     assert run_cli(tmp_path, config) == 2
@@ -275,7 +276,7 @@ def test_diagnostics_leave_the_trained_adapter_bit_identical(compared, tmp_path)
     folder = out / results["runs"]["sap-s1"]["folder"]
     saved = json.loads((folder / "run.json").read_text())["config"]
     assert saved["diagnostics_every"] == 1 and saved["lora_dropout"] > 0
-    run_train(TrainConfig(**{**saved, "output_dir": str(tmp_path / "off"), "diagnostics_every": 0}))
+    run_train(train_config(shared=True, **{**saved, "output_dir": str(tmp_path / "off"), "diagnostics_every": 0}))
     on, off = (load_file(str(d / "adapter_model.safetensors")) for d in (folder, tmp_path / "off"))
     assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
     rows = read_diagnostics(folder)
@@ -297,10 +298,10 @@ def test_shipped_compare_configs_are_valid(name):
     from safeprobe.experiments.compare import CompareConfig, plan
     path = Path(__file__).resolve().parents[1] / "configs" / name
     the_plan = plan(from_mapping(CompareConfig, read_yaml(str(path)), str(path)))  # every run validated
-    assert the_plan.runs and {run.train.task for run in the_plan.runs.values()} == {"sst2"}
+    assert the_plan.runs and {run.train.dataset_name for run in the_plan.runs.values()} == {"sst2"}
 
 
-@pytest.mark.parametrize("name,extra", [("sft-frontier.yaml", "sft-lr"), ("amortised-tradeoff.yaml", "sap_k4-")])
+@pytest.mark.parametrize("name,extra", [("sft-frontier.yaml", "sft-learning_rate"), ("amortised-tradeoff.yaml", "sap_k4-")])
 def test_configs_that_extend_the_demo_reuse_its_runs(name, extra):
     """Their comments promise that, pointed at a finished demo, only their extra runs train: same settings, same
     folders."""
@@ -309,7 +310,7 @@ def test_configs_that_extend_the_demo_reuse_its_runs(name, extra):
     from safeprobe.experiments.demo import DemoConfig, compare_config
     path = Path(__file__).resolve().parents[1] / "configs" / name
     values = read_yaml(str(path))
-    values["base"]["model"] = "tiny-random-llama"
+    values["base"]["model_name_or_path"] = "tiny-random-llama"
     extended = plan(from_mapping(CompareConfig, values, str(path)))
     demo = plan(compare_config(DemoConfig(seeds=3), "tiny-random-llama"))
     new = {run.folder_name for run in extended.runs.values()} - {run.folder_name for run in demo.runs.values()}
@@ -339,5 +340,5 @@ def test_demo_protocol_is_a_valid_comparison(quick):
     the_plan = plan(compare_config(DemoConfig(quick=quick), "aligned-base-dir"))  # every run validated
     methods = {run.train.method for run in the_plan.runs.values()}
     assert methods == ({"sft", "sap"} if quick else {"sft", "sap", "safeinstr", "lisa"})
-    assert {run.train.model for run in the_plan.runs.values()} == {"aligned-base-dir"}
+    assert {run.train.model_name_or_path for run in the_plan.runs.values()} == {"aligned-base-dir"}
     assert all(run.train.poison_ratio == 0.1 for run in the_plan.runs.values())

@@ -156,7 +156,7 @@ def test_config_file_with_flag_override_and_errors(tmp_path, capsys):
     cfg_file = write(tmp_path / "c.yaml", "method: sap\nn: 12\nbeta: 0.1\nprobe_layers: [3, 9]\n")
     args = build_parser().parse_args(["train", "--config", cfg_file, "--n", "20"])
     cfg = cfgmod.resolve(TrainConfig, args)
-    assert (cfg.method, cfg.n, cfg.beta, cfg.probe_layers) == ("sap", 20, 0.1, "3,9")
+    assert (cfg.method, cfg.n, cfg.value("beta"), cfg.value("probe_layers")) == ("sap", 20, 0.1, "3,9")
     for text, message in (("nsteps: 3\n", "unknown key 'nsteps'"), ("n: many\n", "key 'n': expected an integer"),
                           ("n: [1\n", "invalid YAML")):
         bad = write(tmp_path / "bad.yaml", text)
@@ -172,20 +172,22 @@ def test_a_mapping_flag_overrides_only_the_keys_it_names(tmp_path):
     from safeprobe.cli.main import build_parser
     from safeprobe.experiments.compare import CompareConfig
 
-    cfg_file = write(tmp_path / "c.yaml", "methods: [sft]\nbase: {model: tiny-random-llama, n: 16, max_steps: 2}\n"
+    cfg_file = write(tmp_path / "c.yaml", "methods: [sft]\nbase: {model_name_or_path: tiny-random-llama, n: 16, max_steps: 2}\n"
                                           "eval: {suites: [advbench], limit: 3, max_new_tokens: 8}\n")
     args = build_parser().parse_args(["compare", "--config", cfg_file, "--base", "{max_steps: 3}",
                                       "--eval", "{limit: 2}", "--methods", "sap"])
     cfg = cfgmod.resolve(CompareConfig, args)
-    assert cfg.base == {"model": "tiny-random-llama", "n": 16, "max_steps": 3}
+    assert cfg.base == {"model_name_or_path": "tiny-random-llama", "n": 16, "max_steps": 3}
     assert cfg.eval == {"suites": ["advbench"], "limit": 2, "max_new_tokens": 8}
     assert cfg.methods == ["sap"]  # not a mapping: the flag replaces the file's value
 
 
 def test_config_errors_name_the_file_or_the_flag(tmp_path, capsys):
-    bad = write(tmp_path / "bad.yaml", "methods: [sft]\nbase: {model: tiny-random-llama, n: many}\n")
+    bad = write(tmp_path / "bad.yaml", "methods: [sft]\nbase: {model_name_or_path: tiny-random-llama, n: many}\n")
     for argv, message in ((["compare", "--config", bad], "bad.yaml: base: key 'n': expected an integer"),
-                          (["train", "--max-steps", "abc"], "--max-steps: expected an integer, got 'abc'")):
+                          (["train", "--max-steps", "abc"], "--max-steps: expected an integer, got 'abc'"),
+                          (["train", "--lr", "1e-4"], "key 'lr' is now 'learning_rate'"),
+                          (["train", "--method", "sft", "--eps", "0.1"], "key 'eps' is a setting of another method")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err

@@ -6,6 +6,7 @@ The last test prints how many generated cases ran.
 """
 import collections
 import contextlib
+import dataclasses
 import csv
 import io
 import json
@@ -25,9 +26,11 @@ from safeprobe.data.readers import read_rows
 from safeprobe.data.records import to_example, to_prompt, to_safety_pair
 from safeprobe.data.registry import format_agnews, format_gsm8k, format_sst2
 from safeprobe.errors import UserError
-from safeprobe.experiments.train import TrainConfig, training_arguments
+from safeprobe.experiments.run_settings import knob_names, method_arguments
+from safeprobe.experiments.train import TrainConfig
 from safeprobe.io import check_output_dir
-from safeprobe.method import methods
+from safeprobe.method import get_method, methods
+from safeprobe.method.sap import SAPConfig
 from safeprobe.method.sap.config import EPS_MODES, MODES, SAFETY_LOSSES
 
 CASES = collections.Counter()  # property name -> generated cases run
@@ -190,10 +193,12 @@ def test_big_files_and_long_strings(workdir):
 
 
 # -- config files ------------------------------------------------------------------------------------------
-FIELDS = TrainConfig.__dataclass_fields__
+# safeprobe's own keys and SAP's knobs (which the config routes to the method's settings)
+FIELDS = {**{f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "method_settings"},
+          **{k: SAPConfig.__dataclass_fields__[k] for k in knob_names(get_method("sap"))}}
 junk = scalars | st.lists(st.integers() | texts, max_size=3) | st.sampled_from(["nan", "inf", "-1", "0", "1e-3"])
-CHOICES = {"method": list(methods()), "lr_scheduler": ["constant", "linear", "cosine"], "report_to": ["none"],
-           "sap_mode": MODES, "eps_mode": EPS_MODES, "safety_loss": SAFETY_LOSSES,
+CHOICES = {"method": list(methods()), "lr_scheduler_type": ["constant", "linear", "cosine"], "report_to": ["none"],
+           "mode": MODES, "eps_mode": EPS_MODES, "safety_loss": SAFETY_LOSSES,
            "probe_layers": ["middle", "all", "3,9", "0.3:0.6", "99"]}
 
 
@@ -216,10 +221,12 @@ configs = st.lists(st.sampled_from(list(FIELDS)), max_size=5, unique=True).flatm
 def check_config(cfg, workdir) -> None:
     """A config that loads has the declared types and is accepted by the Trainer's own arguments."""
     assert isinstance(cfg, TrainConfig)
-    for name in ("n", "batch_size", "max_length", "lora_r", "max_steps", "seed"):
+    for name in ("n", "per_device_train_batch_size", "max_length", "lora_r", "max_steps", "seed"):
         assert isinstance(getattr(cfg, name), int) and not isinstance(getattr(cfg, name), bool)
-    assert all(math.isfinite(getattr(cfg, f)) for f in ("lr", "eps", "beta", "epochs", "poison_ratio"))
-    training_arguments(cfg, workdir / "args")
+    assert all(math.isfinite(getattr(cfg, f)) for f in ("learning_rate", "num_train_epochs", "poison_ratio"))
+    if cfg.method == "sap":
+        assert all(math.isfinite(cfg.value(f)) for f in ("eps", "beta"))
+    method_arguments(cfg, workdir / "args")
 
 
 @FUZZ
@@ -233,8 +240,7 @@ def test_yaml_configs(workdir, mapping, dashes, unknown, tail):
     path.write_text(yaml.safe_dump({**mapping, **unknown}, allow_unicode=True) + tail, encoding="utf-8",
                     errors="surrogatepass")
     out = []
-    if not one_line_user_error(lambda: out.append(cfgmod.from_mapping(TrainConfig, cfgmod.read_yaml(path),
-                                                                       str(path))), "yaml configs"):
+    if not one_line_user_error(lambda: out.append(TrainConfig.from_values(cfgmod.read_yaml(path), str(path))), "yaml configs"):
         check_config(out[0], workdir)
 
 

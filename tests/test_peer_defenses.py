@@ -7,7 +7,7 @@ from test_reliability import adapter, settings, step_log
 from transformers import TrainerCallback
 
 import safeprobe.experiments.train as train_module
-from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.experiments.train import TrainConfig, train_config, run_train
 
 
 def refusals(root):
@@ -25,7 +25,7 @@ def lisa(root, **overrides):
 def test_safeinstr_mixes_the_demonstrations_into_the_task_data(tmp_path):
     values = settings(tmp_path, "safeinstr", alignment_data=refusals(tmp_path), n_safety=3, max_steps=1,
                       max_length=128, save_steps=0)
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), **values)
+    cfg = train_config(shared=True, output_dir=str(tmp_path / "run"), **values)
     model, tokenizer = train_module.prepare_model(cfg)
     task = [{"input_ids": [1, 2], "labels": [-100, 2]}]
     trainer = train_module.build_trainer(cfg, model, tokenizer, task, tmp_path / "run")
@@ -39,7 +39,7 @@ def test_safeinstr_mixes_the_demonstrations_into_the_task_data(tmp_path):
 
 
 def test_lisa_schedule_and_proximal_gradient(tmp_path):
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), **lisa(tmp_path, rho=0.5))
+    cfg = train_config(shared=True, output_dir=str(tmp_path / "run"), **lisa(tmp_path, rho=0.5))
     model, tokenizer = train_module.prepare_model(cfg)
     trainer = train_module.build_trainer(cfg, model, tokenizer, [{"input_ids": [1, 2], "labels": [-100, 2]}],
                                          tmp_path / "run")
@@ -53,7 +53,7 @@ def test_lisa_schedule_and_proximal_gradient(tmp_path):
 
 
 def test_lisa_trains_on_alignment_batches_and_anchors_at_each_switch(tmp_path):
-    info = run_train(TrainConfig(output_dir=str(tmp_path / "run"), **lisa(tmp_path, save_steps=0)))
+    info = run_train(train_config(shared=True, output_dir=str(tmp_path / "run"), **lisa(tmp_path, save_steps=0)))
     log = step_log(tmp_path / "run")
     assert info["method"] == "lisa" and [row["align_state"] for row in log] == [1.0, 0.0, 0.0, 1.0]
     # step 0 starts at W_0 (its anchor) and step 1 re-anchors at the switch: no pull yet; step 2 has moved away
@@ -62,7 +62,7 @@ def test_lisa_trains_on_alignment_batches_and_anchors_at_each_switch(tmp_path):
 
 def test_lisa_resumes_to_the_uninterrupted_adapter(tmp_path, monkeypatch):
     values = lisa(tmp_path)
-    run_train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
+    run_train(train_config(shared=True, output_dir=str(tmp_path / "whole"), **values))
 
     class StopAfterFirstCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -72,9 +72,9 @@ def test_lisa_resumes_to_the_uninterrupted_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "build_trainer",
                         lambda *a, **k: (t := build(*a, **k), t.add_callback(StopAfterFirstCheckpoint()))[0])
     with pytest.raises(KeyboardInterrupt):
-        run_train(TrainConfig(output_dir=str(tmp_path / "cut"), **values))
+        run_train(train_config(shared=True, output_dir=str(tmp_path / "cut"), **values))
     monkeypatch.setattr(train_module, "build_trainer", build)
-    run_train(TrainConfig(output_dir=str(tmp_path / "cut"), resume=True, **values))
+    run_train(train_config(shared=True, output_dir=str(tmp_path / "cut"), resume=True, **values))
     whole, resumed = adapter(tmp_path / "whole"), adapter(tmp_path / "cut")
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) <= 1e-5
     assert step_log(tmp_path / "cut") == step_log(tmp_path / "whole")

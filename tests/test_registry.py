@@ -62,9 +62,9 @@ def test_a_method_in_one_outside_file_trains_and_is_compared(tmp_path):
     toy.write_text(TOY)
     files = data_files(tmp_path)
     out = tmp_path / "train"
-    done = safeprobe(["train", "--method", "toy", "--model", "tiny-random-llama", "--task", files["task"],
+    done = safeprobe(["train", "--method", "toy", "--model-name-or-path", "tiny-random-llama", "--dataset-name", files["dataset_name"],
                       "--safety-data", files["safety_data"], "--n", "4", "--n-safety", "3", "--max-steps", "2",
-                      "--batch-size", "2", "--max-length", "40", "--lora-r", "2", "--output-dir", str(out)],
+                      "--per-device-train-batch-size", "2", "--max-length", "40", "--lora-r", "2", "--output-dir", str(out)],
                      toy, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
@@ -73,7 +73,8 @@ def test_a_method_in_one_outside_file_trains_and_is_compared(tmp_path):
     assert [r["toy_pairs"] for r in rows] == [3, 3] and all(r["toy_metric"] == 2 * r["task_loss"] for r in rows)
 
     config = {"output_dir": str(tmp_path / "compare"), "methods": ["sft", "toy"], "seeds": [1],
-              "base": {"model": "tiny-random-llama", "n": 4, "n_safety": 3, "max_steps": 2, "batch_size": 2,
+              "base": {"model_name_or_path": "tiny-random-llama", "n": 4, "n_safety": 3, "max_steps": 2,
+                       "per_device_train_batch_size": 2,
                        "max_length": 40, "lora_r": 2, "logging_steps": 1, **files},
               "eval": {"suites": ["jbb-harmful", "sst2"], "limit": 2, "max_new_tokens": 4, "batch_size": 4}}
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))

@@ -17,7 +17,7 @@ from trl import SFTTrainer
 import safeprobe.experiments.train as train_module
 from safeprobe.cli.main import main
 from safeprobe.errors import UserError
-from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.experiments.train import TrainConfig, train_config, run_train
 from safeprobe.io import output_lock, sha256_file
 from safeprobe.method import base
 from safeprobe.method.sap import trainer as sap_trainer
@@ -32,9 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 def settings(root: Path, method: str, **overrides) -> dict:
     # lora_dropout > 0: the resumed run must also restore the RNG that draws the dropout masks. 6 examples and
     # 6 pairs in batches of 2: step 4 starts a new epoch of both the task data and the safety batches.
-    return {"method": method, "model": "tiny-random-llama", "n": 6, "n_safety": 6, "max_steps": 4, "save_steps": 2,
-            "batch_size": 2, "safety_batch_size": 2, "max_length": 40, "lora_r": 4, "lora_dropout": 0.1,
-            "lr": 1e-2, "eps": 0.05, "beta": 1.0, "logging_steps": 1, **data_files(root), **overrides}
+    sap = {"safety_batch_size": 2, "eps": 0.05, "beta": 1.0} if method == "sap" else {}
+    return {"method": method, "model_name_or_path": "tiny-random-llama", "n": 6, "n_safety": 6, "max_steps": 4,
+            "save_steps": 2, "per_device_train_batch_size": 2, "max_length": 40, "lora_r": 4, "lora_dropout": 0.1,
+            "learning_rate": 1e-2, "logging_steps": 1, **sap, **data_files(root), **overrides}
 
 
 def flags(values: dict) -> list[str]:
@@ -69,7 +70,7 @@ def half_written_copy(source: Path, target: Path) -> None:
 @pytest.mark.parametrize("method", ["sft", "sap"])
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
     values = settings(tmp_path, method)
-    uninterrupted = run_train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
+    uninterrupted = run_train(train_config(shared=True, output_dir=str(tmp_path / "whole"), **values))
 
     out = tmp_path / "killed"
     argv = ["train", *flags(values), "--output-dir", str(out)]
@@ -102,25 +103,25 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, method):
 def test_resume_refuses_other_settings_and_does_not_repeat_a_finished_run(tmp_path, monkeypatch):
     values = settings(tmp_path, "sft", max_steps=2, save_steps=1)
     out = tmp_path / "run"
-    first = run_train(TrainConfig(output_dir=str(out), **values))
-    with pytest.raises(UserError, match=r"different settings \(lr\)"):
-        run_train(TrainConfig(output_dir=str(out), resume=True, **{**values, "lr": 0.5}))
+    first = run_train(train_config(shared=True, output_dir=str(out), **values))
+    with pytest.raises(UserError, match=r"different settings \(learning_rate\)"):
+        run_train(train_config(shared=True, output_dir=str(out), resume=True, **{**values, "learning_rate": 0.5}))
     monkeypatch.setattr(train_module, "build_trainer", lambda *a, **k: pytest.fail("trained again"))
-    assert run_train(TrainConfig(output_dir=str(out), resume=True, **values)) == first
+    assert run_train(train_config(shared=True, output_dir=str(out), resume=True, **values)) == first
 
 
 def test_resume_refuses_a_run_whose_data_file_changed_since(tmp_path):
     values = settings(tmp_path, "sap", max_steps=2, save_steps=1)
     out = tmp_path / "run"
-    run_train(TrainConfig(output_dir=str(out), **values))
+    run_train(train_config(shared=True, output_dir=str(out), **values))
     pairs = Path(values["safety_data"])
     pairs.write_text(pairs.read_text().replace("Hit", "Kick"))
     with pytest.raises(UserError, match=r"finished run on other data \(safety .*pairs.jsonl changed since\)"):
-        run_train(TrainConfig(output_dir=str(out), resume=True, **values))
+        run_train(train_config(shared=True, output_dir=str(out), resume=True, **values))
     (out / "run.json").unlink()  # an interrupted run: its checkpoints were trained on the old file too
     with pytest.raises(UserError, match=r"holds a run on other data \(safety"):
-        run_train(TrainConfig(output_dir=str(out), resume=True, **values))
-    assert run_train(TrainConfig(output_dir=str(out), **values))["data"]["safety"]["sha256"] == \
+        run_train(train_config(shared=True, output_dir=str(out), resume=True, **values))
+    assert run_train(train_config(shared=True, output_dir=str(out), **values))["data"]["safety"]["sha256"] == \
         sha256_file(pairs)  # without --resume: trained again on the new file
 
 
@@ -180,7 +181,7 @@ def nan_on_calls(function, calls: set, poison):
 def test_a_nan_step_is_skipped_and_logged(tmp_path, monkeypatch, snapshots, method, target, reason):
     module, poison = (SFTTrainer, poison_loss) if target == "compute_loss" else (sap_trainer, poison_first)
     monkeypatch.setattr(module, target, nan_on_calls(getattr(module, target), {2}, poison))
-    info = run_train(TrainConfig(output_dir=str(tmp_path / "out"), **settings(tmp_path, method, max_steps=3)))
+    info = run_train(train_config(shared=True, output_dir=str(tmp_path / "out"), **settings(tmp_path, method, max_steps=3)))
     assert info["global_steps"] == 3
     skipped = {row["step"]: row.get("skipped") for row in step_log(tmp_path / "out")}
     assert skipped == {1: None, 2: reason, 3: None}
@@ -261,13 +262,13 @@ def test_the_demo_aligns_once_then_compares_the_methods_from_the_aligned_base(tm
     monkeypatch.setattr(demo, "results_table", lambda results: "table")
     for quick in (True, False):
         demo.run_demo(demo.DemoConfig(output_dir=str(tmp_path / "out"), quick=quick), Console(quiet=True))
-    assert [cfg.method for cfg in aligned] == ["plain", "plain"] and aligned[0].model == "smollm2-135m-instruct"
+    assert [cfg.method for cfg in aligned] == ["plain", "plain"] and aligned[0].model_name_or_path == "smollm2-135m-instruct"
     quick, full = compared
     assert list(quick.methods) == ["sft", "sap"] and list(full.methods) == ["sft", "sap", "safeinstr", "lisa"]
     assert all(cfg.methods["sap"] == demo.METHOD_SETTINGS["sap"] and cfg.methods["sft"] == {} for cfg in compared)
     for cfg in compared:  # every method starts from the aligned base, on the same poisoned SST-2 data and seed
-        assert cfg.base["model"] == str(tmp_path / "aligned") and cfg.base["poison_ratio"] == 0.1
-        assert cfg.base["task"] == "sst2" and cfg.seeds == [42] and cfg.include_base
+        assert cfg.base["model_name_or_path"] == str(tmp_path / "aligned") and cfg.base["poison_ratio"] == 0.1
+        assert cfg.base["dataset_name"] == "sst2" and cfg.seeds == [42] and cfg.include_base
         assert cfg.output_dir == str(tmp_path / "out")
     assert quick.base["max_steps"] < full.base["max_steps"] and quick.eval["limit"] < full.eval["limit"]
 

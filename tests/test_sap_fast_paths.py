@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PAIRS, full_logits_logprobs, lora_model, pair_batch, task_batch
-from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.experiments.train import TrainConfig, train_config, run_train
 from safeprobe.method.losses import response_loss, token_logprobs
 from safeprobe.method.sap.probe import Probe
 from safeprobe.method.sap.algorithm import perturbation, probe_gradient, safe_probe, safety_direction
@@ -161,18 +161,18 @@ def lower_layer_runs(model, n_lower: int):
 
 
 def test_sap_trainer_trains_the_same_adapter_with_and_without_lower_layer_sharing(tmp_path, monkeypatch):
-    settings = dict(method="sap", model="tiny-random-llama", task="sst2", n=16, n_safety=8, max_steps=2,
-                    batch_size=4, safety_batch_size=2, max_length=96, lora_dropout=0.1, eps=0.05, beta=5.0,
+    settings = dict(method="sap", model_name_or_path="tiny-random-llama", dataset_name="sst2", n=16, n_safety=8, max_steps=2,
+                    per_device_train_batch_size=4, safety_batch_size=2, max_length=96, lora_dropout=0.1, eps=0.05, beta=5.0,
                     probe_layers="2,3", logging_steps=1)
     replays = []
     skipped = shared_forward._skipped
     monkeypatch.setattr(shared_forward, "_skipped", lambda *args: replays.append(1) or skipped(*args))
-    run_train(TrainConfig(output_dir=str(tmp_path / "shared"), **settings))
+    run_train(train_config(shared=True, output_dir=str(tmp_path / "shared"), **settings))
     assert len(replays) == 2  # every step 5 reused its clean pass's lower layers
     original = SharedLowerForward.__init__
     monkeypatch.setattr(SharedLowerForward, "__init__",
                         lambda self, model, first, enabled=True: original(self, model, first, enabled=False))
-    run_train(TrainConfig(output_dir=str(tmp_path / "plain"), **settings))
+    run_train(train_config(shared=True, output_dir=str(tmp_path / "plain"), **settings))
     shared, plain = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("shared", "plain"))
     assert shared.keys() == plain.keys()
     assert all(torch.allclose(shared[k], plain[k], rtol=1e-5, atol=1e-7) for k in shared)
@@ -181,18 +181,18 @@ def test_sap_trainer_trains_the_same_adapter_with_and_without_lower_layer_sharin
 
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 def test_sap_trainer_trains_the_same_adapter_whether_or_not_it_replays_dropout_masks(tmp_path, monkeypatch, mode):
-    settings = dict(method="sap", sap_mode=mode, model="tiny-random-llama", task="sst2", n=16, n_safety=8,
-                    max_steps=3, batch_size=4, safety_batch_size=2, max_length=96, lora_dropout=0.1, eps=0.05,
+    settings = dict(method="sap", mode=mode, model_name_or_path="tiny-random-llama", dataset_name="sst2", n=16, n_safety=8,
+                    max_steps=3, per_device_train_batch_size=4, safety_batch_size=2, max_length=96, lora_dropout=0.1, eps=0.05,
                     beta=5.0, probe_layers="2,3", logging_steps=1)
     replays = []
     replayed = DropoutMasks.replayed
     monkeypatch.setattr(DropoutMasks, "replayed", lambda self, batch, last=False:
                         replays.append(self.kept is not None) or replayed(self, batch, last))
-    run_train(TrainConfig(output_dir=str(tmp_path / "replayed"), **settings))
+    run_train(train_config(shared=True, output_dir=str(tmp_path / "replayed"), **settings))
     assert replays == [True] * 6  # the clean pass and step 5 of every step had masks to replay
     original = DropoutMasks.__init__
     monkeypatch.setattr(DropoutMasks, "__init__", lambda self, model, enabled=True: original(self, model, False))
-    run_train(TrainConfig(output_dir=str(tmp_path / "drawn"), **settings))
+    run_train(train_config(shared=True, output_dir=str(tmp_path / "drawn"), **settings))
     replayed, drawn = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("replayed", "drawn"))
     assert replayed.keys() == drawn.keys() and all(torch.equal(replayed[k], drawn[k]) for k in replayed)
 
@@ -342,8 +342,8 @@ def test_the_sap_trainer_takes_its_safety_direction_through_shared_prompts(tmp_p
     calls = []
     original = shared_prompt.packed_logprobs
     monkeypatch.setattr(shared_prompt, "packed_logprobs", lambda *a: calls.append(1) or original(*a))
-    run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=4, max_steps=2,
-                          batch_size=4, safety_batch_size=2, max_length=96, output_dir=str(tmp_path / "out")))
+    run_train(train_config(method="sap", model_name_or_path="tiny-random-llama", dataset_name="sst2", n=8, n_safety=4, max_steps=2,
+                          per_device_train_batch_size=4, safety_batch_size=2, max_length=96, output_dir=str(tmp_path / "out")))
     assert len(calls) == 4  # the one-time check (one row, then one pair a row), then step 1 of each of the two steps
 
 
@@ -377,8 +377,8 @@ def test_the_safety_batch_defaults_to_half_the_task_batch_and_runs_in_chunks_of_
         sizes.append([chunk["n_pairs"] for chunk in chunks])
         return original(model, params, chunks, *args)
     monkeypatch.setattr(sap_trainer, "safety_direction", recording)
-    info = run_train(TrainConfig(method="sap", model="tiny-random-llama", task="sst2", n=8, n_safety=10, max_steps=2,
-                                 batch_size=batch_size, safety_batch_size=safety_batch_size, max_length=96,
+    info = run_train(train_config(method="sap", model_name_or_path="tiny-random-llama", dataset_name="sst2", n=8, n_safety=10, max_steps=2,
+                                 per_device_train_batch_size=batch_size, safety_batch_size=safety_batch_size, max_length=96,
                                  output_dir=str(tmp_path / "out")))
     assert sizes == [chunks, chunks]
     assert info["config"]["safety_batch_size"] == sum(chunks)  # the manifest records the size the run used

@@ -7,16 +7,16 @@ from safetensors.torch import load_file
 
 from conftest import lora_model
 from safeprobe.cli.main import main
-from safeprobe.experiments.train import TrainConfig, run_train
+from safeprobe.experiments.train import TrainConfig, train_config, run_train
 from safeprobe.method.sap.probe import Probe, resolve_layers
 from safeprobe.method.sap.trainer import SAPTrainer
 
-TINY = dict(model="tiny-random-llama", task="sst2", n=16, n_safety=8, max_steps=2, batch_size=4,
+TINY = dict(model_name_or_path="tiny-random-llama", dataset_name="sst2", n=16, n_safety=8, max_steps=2, per_device_train_batch_size=4,
             safety_batch_size=4, max_length=96, logging_steps=1, lora_dropout=0.1)
 
 
 def train(tmp_path, name, **overrides):
-    cfg = TrainConfig(output_dir=str(tmp_path / name), **{**TINY, **overrides})
+    cfg = train_config(shared=True, output_dir=str(tmp_path / name), **{**TINY, **overrides})
     return run_train(cfg), load_file(str(tmp_path / name / "adapter_model.safetensors"))
 
 
@@ -82,7 +82,7 @@ def test_reference_mode_uses_the_probe_computed_at_the_previous_step(tmp_path, m
         return V
 
     monkeypatch.setattr(SAPTrainer, "_reference_probe", spy)
-    info, _ = train(tmp_path, "ref", method="sap", sap_mode="reference", max_steps=3, eps=0.05)
+    info, _ = train(tmp_path, "ref", method="sap", mode="reference", max_steps=3, eps=0.05)
     assert info["method"] == "sap-reference"
     assert len(used) == 3 and all(v.abs().sum() == 0 for v in used[0])
     for t in (1, 2):
@@ -100,7 +100,7 @@ def test_reference_mode_uses_the_probe_computed_at_the_previous_step(tmp_path, m
     (["--seed", "-1"], "seed must be in [0, 2**32 - 1], got -1"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
-    code = main(["train", "--method", "sap", "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
+    code = main(["train", "--method", "sap", "--model-name-or-path", "tiny-random-llama", "--n", "4", "--max-steps", "1",
                  "--output-dir", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -119,7 +119,7 @@ def test_a_bad_row_in_a_methods_own_data_is_reported_before_the_model_loads(tmp_
     rows = ('{"prompt": "p", "safe": "no", "harmful": "x"}\n\n{"prompt": "q", "safe": "", "harmful": "y"}\n'
             if method == "sap" else '{"prompt": "p", "completion": "no"}\n\n{"prompt": "q", "completion": " "}\n')
     bad.write_text(rows)
-    code = main(["train", "--method", method, "--model", "tiny-random-llama", "--n", "4", "--max-steps", "1",
+    code = main(["train", "--method", method, "--model-name-or-path", "tiny-random-llama", "--n", "4", "--max-steps", "1",
                  flag, str(bad), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and f"{bad}:3" in err and len(err.splitlines()) == 1, err  # line 3: the blank line counts
@@ -127,7 +127,7 @@ def test_a_bad_row_in_a_methods_own_data_is_reported_before_the_model_loads(tmp_
 
 
 def test_full_finetuning_with_gradient_accumulation_and_dpo_safety_loss(tmp_path):
-    cfg = TrainConfig(output_dir=str(tmp_path / "full"), method="sap", lora_r=0, grad_accum=2,
+    cfg = train_config(shared=True, output_dir=str(tmp_path / "full"), method="sap", use_peft=False, gradient_accumulation_steps=2,
                       safety_loss="dpo", safety_every=2, probe_every=2, **{**TINY, "max_steps": 2})
     info = run_train(cfg)
     assert info["global_steps"] == 2 and (tmp_path / "full" / "model.safetensors").exists()
@@ -143,6 +143,6 @@ def test_asking_for_more_safety_records_than_the_source_has_warns_and_uses_them_
     from safeprobe.method import get_method
     from safeprobe.model import load_model
     _, tok = load_model("tiny-random-llama")
-    cfg = TrainConfig(method="sap", model="tiny-random-llama", n_safety=1000, **data_files(tmp_path))
+    cfg = train_config(method="sap", model_name_or_path="tiny-random-llama", n_safety=1000, **data_files(tmp_path))
     assert len(method_data.features(get_method("sap"), cfg, tok)["safety_dataset"]) == 8  # the file's 8 pairs
     assert "has 8 records, n_safety asks for 1000: using 8" in caplog.text

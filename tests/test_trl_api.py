@@ -83,3 +83,56 @@ def test_sap_at_step_size_zero_trains_the_adapter_of_trl_sft_trainer_bit_for_bit
         assert max((sft[k] - sap[k]).abs().max().item() for k in sft) == 0, knobs
     moving = trained(SAPTrainer, SAPConfig, eps=0.5, beta=1.0)
     assert max((sft[k] - moving[k]).abs().max().item() for k in sft) > 0  # the comparison can fail
+
+
+TRL_YAML = """\
+model_name_or_path: tiny-random-llama
+dataset_name: {task}
+safety_data: {pairs}
+output_dir: {out}
+method: sap
+learning_rate: 2.0e-4
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 2
+max_length: 64
+gradient_checkpointing: true
+num_train_epochs: 1
+max_steps: 2
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+lora_target_modules: all-linear
+logging_steps: 1
+max_grad_norm: 0.5
+n: 8
+n_safety: 4
+eps: 0.05
+probe_norm: 1.0e-1
+"""
+
+
+def test_a_trl_style_yaml_trains_and_an_old_key_names_its_new_name(tmp_path, capsys):
+    from conftest import data_files
+
+    from safeprobe.cli.main import main
+    files, out = data_files(tmp_path), tmp_path / "run"
+    config = tmp_path / "trl.yaml"
+    config.write_text(TRL_YAML.format(task=files["dataset_name"], pairs=files["safety_data"], out=out))
+    assert main(["train", "--config", str(config), "--beta", "0.1"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    args = run["training_arguments"]
+    assert (args["learning_rate"], args["per_device_train_batch_size"], args["gradient_accumulation_steps"],
+            args["max_length"], args["max_grad_norm"], args["probe_norm"], args["beta"]) == (2e-4, 2, 2, 64, 0.5, 0.1, 0.1)
+    assert args["gradient_checkpointing"] is True and run["global_steps"] == 2
+    assert run["fast_paths"]["shared_lower_forward"].startswith("off: gradient checkpointing")
+    assert run["fast_paths"]["dropout_mask_replay"].startswith("off: gradient checkpointing")
+    config_file = json.loads((out / "adapter_config.json").read_text())
+    assert set(config_file["target_modules"]) >= {"q_proj", "down_proj"}  # all-linear
+    capsys.readouterr()
+    for old, new in (("lr: 1.0e-4", "learning_rate"), ("batch_size: 2", "per_device_train_batch_size"),
+                     ("sap_mode: paper", "mode"), ("model: tiny-random-llama", "model_name_or_path")):
+        bad = tmp_path / "old.yaml"
+        bad.write_text(f"method: sap\n{old}\n")
+        assert main(["train", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"old.yaml: key '{old.split(':')[0]}' is now '{new}'" in err, err

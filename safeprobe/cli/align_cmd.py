@@ -11,7 +11,7 @@ def run_align_command(cfg, console) -> None:
     from ..experiments.align import run_align
     info = run_align(cfg)
     if info["reused"]:
-        console.print(f"[green]reused[/green]: {cfg.method} alignment of {cfg.model} with these settings")
+        console.print(f"[green]reused[/green]: {cfg.method} alignment of {cfg.model_name_or_path} with these settings")
     else:
         console.print(f"[green]done[/green]: {cfg.method} alignment, {info['global_steps']} steps, train loss "
                       f"{info['train_loss']:.4f}, {info['wall_time_s']} s (self-answers {info['generation_s']} s)")

@@ -95,10 +95,11 @@ def _compare(cfg, console):
         console.print(line)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, argv: list[str] = ()) -> argparse.ArgumentParser:
     """The whole command line; with `only`, the flags of that command alone (the others' configs import torch,
-    which `safeprobe --help` should not wait for)."""
-    parser = argparse.ArgumentParser(prog="safeprobe", description="Fine-tune LLMs without losing their safety "
+    which `safeprobe --help` should not wait for), and for a training command the flags of the method that `argv`
+    names (its config's fields)."""
+    parser = argparse.ArgumentParser(prog="safeprobe", allow_abbrev=False, description="Fine-tune LLMs without losing their safety "
                                      "alignment (Safety-Aware Probing).")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -111,10 +112,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 group = sub.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             target = groups[words[0]]
-        p = target.add_parser(words[-1], help=help_text, description=help_text)
+        p = target.add_parser(words[-1], help=help_text, description=help_text, allow_abbrev=False)
         p.set_defaults(handler=name)
         if config_cls is not None and only in (None, name):
-            cfgmod.add_arguments(p, _dataclass(config_cls))
+            cls = _dataclass(config_cls)
+            extra = _method_flags(cls, argv) if only == name else []
+            cfgmod.add_arguments(p, cls, extra, _hidden_flags(cls) if only == name else [])
     return parser
 
 
@@ -124,13 +127,40 @@ def _command_in(argv: list[str]) -> str:
     return next((name for name in (" ".join(words), *words[:1]) if name in COMMANDS), "")
 
 
+def _method_flags(cls, argv: list[str]) -> list:
+    """The flags of the method named by `--method` in `argv`, else by the `--config` file, else the default."""
+    if not hasattr(cls, "from_values"):
+        return []
+    from ..experiments.run_settings import flag_fields
+    method = cls.method
+    for i, word in enumerate(argv):
+        if word == "--config" and i + 1 < len(argv):
+            try:
+                method = str(cfgmod.read_yaml(argv[i + 1]).get("method", method))
+            except UserError:
+                pass  # the file's error is reported when the config is read
+    for i, word in enumerate(argv):
+        if word == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif word.startswith("--method="):
+            method = word.split("=", 1)[1]
+    return flag_fields(cls, method)
+
+
+def _hidden_flags(cls) -> list[str]:
+    if not hasattr(cls, "from_values"):
+        return []
+    from ..experiments.run_settings import hidden_flags
+    return hidden_flags(cls)
+
+
 def _dataclass(config_cls):
     return config_cls() if not isinstance(config_cls, type) else config_cls
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(only=_command_in(argv))
+    parser = build_parser(only=_command_in(argv), argv=argv)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()

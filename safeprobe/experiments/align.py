@@ -24,7 +24,7 @@ safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
 - Booster only: the harmful loss h uses (prompt, harmful answer) pairs of PKU-SafeRLHF, training side only (20% of
   its prompts are held out for the `pku-heldout` suite; see evaluation/suites.py).
 Batches group examples of similar length, in random order (data/sampling.py; padding to the longest of 8 random
-examples wasted about a third of the compute), and with --lora-r the model trains LoRA adapters on every linear
+examples wasted about a third of the compute), and with --use-peft the model trains LoRA adapters on every linear
 layer, merged into its weights before saving (about 20% faster a step than full fine-tuning on CPU).
 A self-answer that the refusal-keyword judge counts as a refusal is dropped (a benign prompt must never teach a
 refusal); an answer cut at `max_new_tokens` is learnt without its stop token (its text, not stopping mid-sentence).
@@ -43,11 +43,12 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import SchedulerType, set_seed
+from transformers import set_seed
 
 from ..data import REGISTRY, Example, fingerprint, load_examples, load_pairs, load_prompts, sample
 from ..data.prompt_kinds import SENSITIVE_WORDS, is_practical_question
@@ -57,32 +58,35 @@ from ..evaluation.generate import generate_ids, length_batches
 from ..evaluation.keyword import is_refusal
 from ..io import append_jsonl, check_output_dir, output_lock, sha256_json, write_json, write_text
 from ..method import ALIGN, get_method, methods
+from ..method.config import _help
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
-from ..method.vaccine import NORMS
-from ..model import MODEL_NAMES, load_model, make_trainable, model_summary
+from ..model import MODEL_NAMES, load_model, model_summary
 from ..settings import home_dir
 from .manifest import manifest
 from . import method_data
-from .train import REPORT_TO, _help, check_run_settings, method_fields, save_model, training_arguments
+from .run_settings import RunSettings, knob_names, method_arguments
+from .train import save_model, trainable
 
 log = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE, ANSWERS = "align.json", ".complete", "self_answers.jsonl"
 RECIPE = 3  # bump when the data recipe or training code changes what the same settings produce: new cache keys
 
-MINIMUMS = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_questions": 0, "lora_r": 0, "n_harmful": 1,
-            "max_new_tokens": 1, "gen_batch_size": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1,
-            "max_steps": -1, "warmup_steps": 0, "weight_decay": 0, "logging_steps": 1, "save_steps": 0,
-            "max_bad_steps": 1}
-# Settings that do not change the aligned model, and settings that only one method reads: neither is in the key.
+# Settings that do not change the aligned model: not in the key (nor are the settings of other methods).
 NOT_IN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "report_to", "max_bad_steps"})
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(RunSettings):
+    """Every setting of `safeprobe align`: its data recipe, the shared training keys of `RunSettings` (full
+    fine-tuning by default; with use_peft, LoRA merged into the weights before saving) and the method's own knobs
+    (Vaccine's `rho`, Booster's `booster_lambda`...) in `method_settings`."""
+
+    STAGE: ClassVar[str] = ALIGN
+    MINIMUMS: ClassVar[dict] = {"n_refusal": 1, "n_benign": 0, "n_sensitive": 0, "n_questions": 0, "n_harmful": 1,
+                                "max_new_tokens": 1, "gen_batch_size": 1}
+
     method: str = _help("alignment method: plain, vaccine, booster or a registered one", "plain")
-    model: str = _help("the instruct model to align: a built-in name, a local directory or a Hub id",
-                       "smollm2-135m-instruct")
     output_dir: str | None = _help("where the aligned model goes (default: $SAFEPROBE_HOME/aligned/"
                                    "<model>-<method>-<key>/, reused when the settings match)")
     refusal_data: str = _help("harmful instruction -> refusal examples (a name or a file)", "safety-tuned-llamas")
@@ -101,49 +105,23 @@ class AlignConfig:
     harmful_data: str = _help("Booster: (prompt, safe, harmful) pairs whose harmful answers define h; training "
                               "side only", "pku-saferlhf-pairs")
     n_harmful: int = _help("Booster: number of harmful (prompt, answer) examples", 320)
-    seed: int = _help("seed of everything (data samples, order, dropout)", 42)
-    max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", 84)
-    epochs: float = _help("epochs over the alignment data when max_steps is -1", 1.0)
-    lr: float = _help("learning rate", 5e-5)
-    lora_r: int = _help("LoRA rank on every linear layer, merged into the weights after training (0: full "
-                        "fine-tuning)", 0)
-    batch_size: int = _help("examples per device batch", 8)
-    grad_accum: int = _help("gradient accumulation steps", 1)
+    max_steps: int = _help("optimiser steps (-1: run num_train_epochs epochs)", 84)
+    learning_rate: float = _help("AdamW learning rate", 5e-5)
     max_length: int = _help("maximum tokens per example (prompt + response)", 160)
-    lr_scheduler: str = _help("learning-rate schedule (transformers names)", "constant")
-    warmup_steps: int = _help("linear warm-up steps", 0)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    bf16: bool = _help("compute in bf16", False)
-    logging_steps: int = _help("log every N steps", 10)
-    save_steps: int = _help("checkpoint every N steps; a rerun after an interruption resumes (0: no checkpoints)",
-                            0)
-    max_bad_steps: int = _help("stop after this many steps in a row with a non-finite loss or gradient", 5)
-    report_to: str = _help("none, tensorboard or wandb", "none")
-    rho: float = _help("Vaccine: norm of the hidden-state perturbation", 2.0)
-    vaccine_norm: str = _help("Vaccine: normalise each layer's perturbation (layer) or all jointly (global)",
-                              "layer")
-    booster_lambda: float = _help("Booster: weight of the harmful-perturbation regulariser", 5.0)
-    booster_alpha: float = _help("Booster: size of the simulated harmful step", 0.1)
+    use_peft: bool = _help("train LoRA adapters and merge them into the weights (false: full fine-tuning)", False)
+    lora_dropout: float = _help("LoRA dropout", 0.0)
+    lora_target_modules: str | None = _help("comma-separated LoRA target modules, or all-linear", "all-linear")
 
     def __post_init__(self):
-        get_method(self.method, ALIGN)  # one-line error naming the registered methods
-        for name, valid in (("lr_scheduler", [t.value for t in SchedulerType]),
-                            ("report_to", REPORT_TO), ("vaccine_norm", NORMS)):
-            if getattr(self, name) not in valid:
-                raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
-        for name, low in MINIMUMS.items():
-            if getattr(self, name) < low:
-                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        check_run_settings(self)
-        for name in ("rho", "booster_lambda", "booster_alpha"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "epochs"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        super().__post_init__()
         if self.harmful_data == "pure-bad":
             raise UserError("harmful_data 'pure-bad' is the fine-tuning attack data; Booster's harmful data must "
                             "come from another training source (default: pku-saferlhf-pairs, training side)")
+
+
+def align_config(**values) -> AlignConfig:
+    """AlignConfig from keyword arguments under their YAML names, the method's knobs included (`rho=2.0`)."""
+    return AlignConfig.from_values(values, "align settings")
 
 
 def aligned_home() -> Path:
@@ -177,7 +155,7 @@ def cache_key(cfg: AlignConfig, data: dict) -> str:
     """Short hash of what determines the aligned model: the relevant settings and the data files' contents."""
     other_methods = {name for method in methods(ALIGN).values() if method.name != cfg.method
                      for name in own_fields(method)}
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_KEY | other_methods}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_KEY | other_methods}
     digests = {name: [d["sha256"] for d in found] if isinstance(found, list) else found["sha256"]
                for name, found in data.items()}
     return sha256_json({"recipe": RECIPE, "settings": settings, "data": digests})[:12]
@@ -188,7 +166,7 @@ def _slug(text: str) -> str:
 
 
 def output_path(cfg: AlignConfig, key: str) -> Path:
-    return Path(cfg.output_dir) if cfg.output_dir else aligned_home() / f"{_slug(cfg.model)}-{cfg.method}-{key}"
+    return Path(cfg.output_dir) if cfg.output_dir else aligned_home() / f"{_slug(cfg.model_name_or_path)}-{cfg.method}-{key}"
 
 
 # -- the directory's state ----------------------------------------------------------------------------------------
@@ -215,12 +193,12 @@ def claim(out: Path, cfg: AlignConfig, key: str) -> None:
     if recorded not in (None, key):
         raise UserError(f"{out} holds an unfinished alignment with other settings; choose another --output-dir "
                         "or remove it")
-    write_json(out / MANIFEST, {"cache_key": key, "status": "in progress", "config": asdict(cfg)})
+    write_json(out / MANIFEST, {"cache_key": key, "status": "in progress", "config": cfg.to_dict()})
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
 def run_align(cfg: AlignConfig) -> dict:
-    """Align `cfg.model` (or find it already aligned) and return the manifest; `output_dir` says where it is."""
+    """Align `cfg.model_name_or_path` (or find it already aligned) and return the manifest; `output_dir` says where it is."""
     data = data_fingerprints(cfg)
     key = cache_key(cfg, data)
     out = output_path(cfg, key)
@@ -243,14 +221,14 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     prompts = benign_prompts(cfg)
     method = get_method(cfg.method, ALIGN)
     read = method_data.records(method, cfg)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model_name_or_path)
     before_generation = time.time()
     answers = self_answers(model, tokenizer, [p for bucket in prompts.values() for p in bucket], cfg, out)
     generated = time.time()
     features, counts = training_features(tokenizer, refusals, answers, cfg.max_length)
     counts.update({f"n_{name}_prompts": len(bucket) for name, bucket in prompts.items()})
-    model = make_trainable(model, cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, target_modules="all-linear")
-    args = training_arguments(cfg, out, method.trainer)
+    model = trainable(cfg, model)
+    args = method_arguments(cfg, out)
     args.train_sampling_strategy = "group_by_length"
     trainer = method.trainer(
         model=model, args=args, train_dataset=features,
@@ -258,7 +236,7 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
         **method_data.features(method, cfg, tokenizer, read))
     train_loss, steps, resume = _train(trainer, cfg, out)
     summary = model_summary(trainer.model)  # what trained: with LoRA, the adapters
-    save_model(trainer.model.merge_and_unload() if cfg.lora_r else trainer.model, out)
+    save_model(trainer.model.merge_and_unload() if cfg.use_peft else trainer.model, out)
     tokenizer.save_pretrained(out)
     for folder in checkpoint_folders(out):  # the model is saved: optimiser states are gigabytes of nothing now
         shutil.rmtree(folder, ignore_errors=True)
@@ -338,7 +316,8 @@ def model_identity(spec: str) -> str:
 
 
 def answers_cache(cfg: AlignConfig) -> Path:
-    name = f"{_slug(cfg.model)}-{sha256_json([model_identity(cfg.model), cfg.max_new_tokens])[:12]}.jsonl"
+    name = (f"{_slug(cfg.model_name_or_path)}-"
+            f"{sha256_json([model_identity(cfg.model_name_or_path), cfg.max_new_tokens])[:12]}.jsonl")
     return aligned_home() / "self-answers" / name
 
 
@@ -408,4 +387,4 @@ def training_features(tokenizer, refusals: list[Example], answers: list[dict], m
 
 def own_fields(method) -> set[str]:
     """The settings only `method` reads: its config's own knobs and the sources and counts of its data."""
-    return set(method_fields(method.config_class)) | {name for role in method.data for name in (role.source, role.count)}
+    return set(knob_names(method)) | {name for role in method.data for name in (role.source, role.count)}

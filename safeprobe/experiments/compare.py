@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SET_PER_RUN = ("output_dir", "resume", "seed", "method")  # compare sets these for each run
 NOT_IN_HASH = ("output_dir", "resume")  # where a run lives and how it restarts: not what it is
-DATA_KEYS = ("task", "safety_data", "poison_data", "alignment_data")  # a file here is hashed by its content
+DATA_KEYS = ("dataset_name", "safety_data", "poison_data", "alignment_data")  # a file here is hashed by its content
 DEFAULT_HARMFUL_SUITES = ("jbb-harmful", "advbench")
 DEFAULT_OVER_REFUSAL_SUITE = "xstest-safe"
 DIAGNOSTIC_POINTS = 10  # diagnostics about this many times per run unless `diagnostics_every` is given
@@ -142,7 +142,7 @@ class Run:
 
     @property
     def digest(self) -> str:
-        values = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in NOT_IN_HASH}
+        values = {k: v for k, v in self.train.to_dict().items() if k not in NOT_IN_HASH}
         files = file_digests(values[k] for k in DATA_KEYS)
         return sha256_json({**values, "data_files": files} if files else values)[:10]
 
@@ -175,7 +175,8 @@ def plan(cfg: CompareConfig) -> Plan:
                 for name, values in _mapping(cfg.settings, "settings").items()} or {"default": {}}
     methods = _method_entries(cfg.methods)
     the_plan = Plan({}, {}, {}, from_mapping(EvalSettings, _mapping(cfg.eval, "eval"), "eval"),
-                    base.get("model", TrainConfig.model), base.get("task", TrainConfig.task))
+                    base.get("model_name_or_path", TrainConfig.model_name_or_path),
+                    base.get("dataset_name", TrainConfig.dataset_name))
     for seed in cfg.seeds:  # seed by seed: after the first seed every method has a comparable result
         for setting, overrides in settings.items():
             for label, entry in methods.items():
@@ -195,7 +196,7 @@ def plan(cfg: CompareConfig) -> Plan:
         train = run.train
         data_fingerprints(train)
         sources = tuple(getattr(train, role.source) for role in get_method(train.method).data)
-        for sources, read_data in (((train.task, train.poison_data), task_examples),
+        for sources, read_data in (((train.dataset_name, train.poison_data), task_examples),
                                    ((train.method, *sources), method_records)):
             if sources not in read:
                 read_data(train)
@@ -212,11 +213,11 @@ def _sweep(the_plan: Plan, label: str, setting: str, values: dict, spec: dict, d
     lines = {}
     for knob, knob_values in spec.items():
         knob_values = knob_values if isinstance(knob_values, list) else [knob_values]
-        own = getattr(_train_config(values, f"methods.{label}"), str(knob), None)
+        own = _train_config(values, f"methods.{label}").value(str(knob))
         points = {}
         for value in [*knob_values, *([own] if own is not None else [])]:
             trains = [_train_config({**values, knob: value, "seed": seed}, f"sweep.{label}") for seed in seeds]
-            value = getattr(trains[0], knob)  # as validated (an int knob given as "2" is 2)
+            value = trains[0].value(str(knob))  # as validated (an int knob given as "2" is 2)
             names = [the_plan.add(Run(_run_name(None, label, f"{knob}{_short(value)}", train.seed), label, setting,
                                       train.seed, train, {"knob": knob, "value": value})) for train in trains]
             points.setdefault(repr(value), {"value": value, "runs": names})
@@ -224,21 +225,22 @@ def _sweep(the_plan: Plan, label: str, setting: str, values: dict, spec: dict, d
     return lines
 
 
-def _checked_overrides(values, where: str, settable=()) -> dict:
+def _checked_overrides(values, where: str, settable=(), shared: bool = True) -> dict:
     """A mapping of train settings, its keys and types checked on their own (errors name where they are)."""
     values = _mapping(values, where)
     for key in SET_PER_RUN:
         if key in values and key not in settable:
             raise UserError(f"key '{where}': '{key}' is set by compare for each run (use `methods`, `seeds`, "
                             "`output_dir`)")
-    _train_settings(values, where)
+    _train_settings(values, where, shared)
     return values
 
 
-def _train_settings(values: dict, where: str) -> TrainConfig:
-    """TrainConfig from a section of the config; a range error names the section (`methods.sap: lr must ...`)."""
+def _train_settings(values: dict, where: str, shared: bool = True) -> TrainConfig:
+    """TrainConfig from a section of the config; a range error names the section (`methods.sap: learning_rate must
+    ...`). `shared`: a section for several methods, where a knob of another method than this one is left out."""
     try:
-        return from_mapping(TrainConfig, values, where)
+        return TrainConfig.from_values(values, where, shared)
     except UserError as e:
         raise UserError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
@@ -256,20 +258,19 @@ def _method_entries(methods) -> dict[str, dict]:
         label = str(label)
         if not re.fullmatch(r"[A-Za-z0-9_.]+", label):
             raise UserError(f"key 'methods': name '{label}' may only hold letters, digits, '_' and '.'")
-        entry = dict(_checked_overrides(overrides, f"methods.{label}", settable=("method",)))
-        entry.setdefault("method", label)
+        entry = {"method": label, **_mapping(overrides, f"methods.{label}")}
         known = registered_methods()
         if entry["method"] not in known:
             raise UserError(f"key 'methods.{label}': unknown method '{entry['method']}' (valid: "
                             f"{', '.join(known)}); give `method:` for a named variant")
-        entries[label] = entry
+        entries[label] = _checked_overrides(entry, f"methods.{label}", settable=("method",), shared=False)
     return entries
 
 
 def _train_config(values: dict, where: str) -> TrainConfig:
     cfg = _train_settings(values, where)
-    if cfg.lora_r == 0:
-        raise UserError(f"{where}: compare evaluates LoRA adapters; lora_r must be > 0")
+    if not cfg.use_peft:
+        raise UserError(f"{where}: compare evaluates LoRA adapters; use_peft must be true")
     if "diagnostics_every" not in values:  # the paper's diagnostics, about DIAGNOSTIC_POINTS times per run
         cfg.diagnostics_every = max(1, _expected_steps(cfg) // DIAGNOSTIC_POINTS)
     cfg.resume = True
@@ -279,7 +280,8 @@ def _train_config(values: dict, where: str) -> TrainConfig:
 def _expected_steps(cfg: TrainConfig) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.n * cfg.epochs / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(cfg.n * cfg.num_train_epochs / (cfg.per_device_train_batch_size
+                                                        * cfg.gradient_accumulation_steps)))
 
 
 def _run_name(setting: str | None, label: str, variant: str | None, seed: int) -> str:
@@ -359,11 +361,11 @@ def _execute(run: Run, the_plan: Plan, out: Path) -> dict:
         return {**record, "status": "diverged", "error": str(e)}
     for checkpoint in checkpoint_folders(folder):  # they serve resuming only; a sweep would pile them up
         shutil.rmtree(checkpoint)
-    eval_kwargs = the_plan.eval.run_eval_kwargs(run.train.task)
-    settings = _eval_settings(run.train.model, eval_kwargs,
+    eval_kwargs = the_plan.eval.run_eval_kwargs(run.train.dataset_name)
+    settings = _eval_settings(run.train.model_name_or_path, eval_kwargs,
                               adapter=sha256_file(folder / "adapter_model.safetensors"))
     result = run_stage(folder / "eval", settings, lambda: run_eval(
-        run.train.model, adapter=str(folder), output_dir=str(folder / "eval"), **eval_kwargs))
+        run.train.model_name_or_path, adapter=str(folder), output_dir=str(folder / "eval"), **eval_kwargs))
     return {**record, "status": "done", "train": _train_figures(info), "eval": result["suites"]}
 
 

@@ -29,14 +29,16 @@ from .compare import CompareConfig, run_compare
 class DemoConfig:
     output_dir: str = field(default="runs/demo", metadata={"help": "where runs and the report go"})
     quick: bool = field(default=False, metadata={"help": "a smaller slice: fewer steps and prompts, SFT and SAP"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "the instruct model to align, then tune"})
+    model_name_or_path: str = field(default="smollm2-135m-instruct",
+                                    metadata={"help": "the instruct model to align, then tune"})
     seed: int = field(default=42, metadata={"help": "seed of the alignment and of the first fine-tuning run"})
     seeds: int = field(default=1, metadata={"help": "fine-tuning seeds: seed, seed + 1, ... (the table gives mean "
                                                     "+- std); runs finished for fewer seeds are reused"})
 
 
 # The protocol at CPU scale: SST-2 with 10% harmful (prompt, answer) pairs, LoRA r = 8, batch 8, lr 3e-4.
-TRAIN = dict(task="sst2", n=1000, poison_ratio=0.1, batch_size=8, lr=3e-4, max_length=128, lora_r=8,
+TRAIN = dict(dataset_name="sst2", n=1000, poison_ratio=0.1, per_device_train_batch_size=8, learning_rate=3e-4,
+             max_length=128, lora_r=8,
              n_safety=32, safety_batch_size=4, eps=0.05, beta=0.05, logging_steps=5, save_steps=10)
 # SAP's probe strength, chosen on training data only: with the paper's beta the probe is about 0.003 long on this
 # model and SAP's step is SFT's to the last digit; a probe of norm 3 cancels SFT's first-order drift toward the
@@ -58,7 +60,7 @@ EVAL = dict(suites=["jbb-harmful", "advbench", "xstest-safe", "sst2"], judges=["
 def compare_config(cfg: DemoConfig, aligned_model: str) -> CompareConfig:
     scale = QUICK if cfg.quick else FULL
     return CompareConfig(
-        output_dir=cfg.output_dir, base={**TRAIN, "model": aligned_model, **scale["train"]},
+        output_dir=cfg.output_dir, base={**TRAIN, "model_name_or_path": aligned_model, **scale["train"]},
         methods={name: METHOD_SETTINGS.get(name, {}) for name in scale["methods"]},
         seeds=[cfg.seed + i for i in range(cfg.seeds)], include_base=True, eval={**EVAL, **scale["eval"]})
 
@@ -70,8 +72,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
     check_seed(cfg.seed, "--seed")
     check_seed(cfg.seed + cfg.seeds - 1, "--seed plus --seeds - 1")  # checked now, not after the alignment
     out = check_output_dir(cfg.output_dir)
-    console.rule(f"[bold]alignment: {cfg.model} -> aligned base (cached after the first demo)")
-    aligned = run_align(AlignConfig(model=cfg.model, method="plain", seed=cfg.seed))
+    console.rule(f"[bold]alignment: {cfg.model_name_or_path} -> aligned base (cached after the first demo)")
+    aligned = run_align(AlignConfig(model_name_or_path=cfg.model_name_or_path, method="plain", seed=cfg.seed))
     console.print(f"aligned base: {aligned['output_dir']}" + (" (reused)" if aligned["reused"] else ""))
     results = run_compare(compare_config(cfg, aligned["output_dir"]), console)
     console.print(results_table(results))

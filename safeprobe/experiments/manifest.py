@@ -43,5 +43,9 @@ def peak_memory_mb() -> dict:
 
 
 def manifest(config, **extra) -> dict:
-    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    """`config` as its YAML keys (`to_dict`), or its fields; the versions, commit and peak memory; then `extra`."""
+    if hasattr(config, "to_dict"):
+        cfg = config.to_dict()
+    else:
+        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     return {"config": cfg, "versions": versions(), "git_commit": git_commit(), **peak_memory_mb(), **extra}

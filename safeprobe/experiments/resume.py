@@ -7,7 +7,6 @@ logs, saves or gives up).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -24,12 +23,14 @@ RUN_CONFIG = "run_config.json"
 STAGE_FILE = "stage.json"
 # Settings that may differ between a run and its resumption: they do not change the trained weights.
 NOT_TRAJECTORY = frozenset({"output_dir", "resume", "logging_steps", "save_steps", "report_to", "max_bad_steps",
-                            "diagnostics_every"})
+                            "diagnostics_every", "logging_first_step", "save_total_limit", "push_to_hub",
+                            "hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "run_name",
+                            "eval_strategy", "eval_steps", "per_device_eval_batch_size"})
 
 
 def trajectory(cfg) -> dict:
     """The settings that determine the trained weights, JSON-normalised (as they are read back)."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAJECTORY}
+    values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_TRAJECTORY}
     return json.loads(json.dumps(values, default=str))
 
 

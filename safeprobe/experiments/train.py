@@ -2,154 +2,74 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import torch
-from transformers import SchedulerType, set_seed
+from transformers import set_seed
 
 from ..data import fingerprint, load_examples, sample
 from ..data.tokenize import collator, encode_all
-from ..errors import UserError, check_seed
+from ..errors import UserError
 from ..io import FILE_MODE, check_output_dir, output_lock, write_json
-from ..method import SafeprobeConfig, SAPConfig, get_method
+from ..method import TRAIN, get_method
+from ..method.config import _help
 from ..method.diagnostics import attach_diagnostics
-from ..method.sap.config import MODES as SAP_MODES
-from ..method.sap.config import default_safety_batch_size
 from ..model import load_model, make_trainable
 from ..model.identity import base_identity, write_record
 from . import method_data
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
+from .run_settings import RunSettings, method_arguments
 
 log = logging.getLogger(__name__)
 
 
-def method_fields(config_class) -> list[str]:
-    """The fields a method's config adds to SafeprobeConfig's: its own knobs."""
-    shared = {f.name for f in dataclasses.fields(SafeprobeConfig)}
-    return [f.name for f in dataclasses.fields(config_class) if f.name not in shared]
-
-
-SAP_FIELDS = method_fields(SAPConfig)
-
-
-REPORT_TO = ("none", "tensorboard", "wandb")
-MINIMUMS = {"n": 1, "n_safety": 1, "batch_size": 1, "grad_accum": 1, "max_length": 1, "safety_batch_size": 1,
-            "lisa_align_steps": 1, "lisa_task_steps": 1, "max_bad_steps": 1, "logging_steps": 1, "max_steps": -1,
-            "save_steps": 0, "warmup_steps": 0, "weight_decay": 0, "lora_r": 0, "diagnostics_every": 0}
-
-
-def check_run_settings(cfg) -> None:
-    """What the train and align configs share beyond ranges: a seed, a step count, and a reporter that is installed."""
-    check_seed(cfg.seed)
-    if cfg.max_steps == 0:
-        raise UserError("max_steps must be >= 1, or -1 to run `epochs` epochs; got 0")
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise UserError(f"report_to '{cfg.report_to}' needs the {cfg.report_to} package (pip install "
-                        f"{cfg.report_to}), or use 'none'")
-
-
-def _help(text: str, default=None, **kw):
-    return field(default=default, metadata={"help": text}, **kw)
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
+    """Every setting of `safeprobe train`: the data it reads (the script arguments of TRL's scripts), the shared
+    training keys of `RunSettings`, and the method's own knobs in `method_settings`."""
+
+    STAGE: ClassVar[str] = TRAIN
+    MINIMUMS: ClassVar[dict] = {"n": 1, "n_safety": 1, "diagnostics_every": 0}
+
     method: str = _help("fine-tuning method: sft, sap, safeinstr, lisa or a registered one", "sft")
-    model: str = _help("model spec: smollm2-135m-instruct, tiny-random-llama, a local directory or a Hub id",
-                       "smollm2-135m-instruct")
-    task: str = _help("useful fine-tuning data: a dataset name (sst2, agnews, gsm8k, alpaca...) or a file", "sst2")
-    safety_data: str = _help("safety pairs (prompt, safe, harmful) for SAP: a name or a file", "pku-saferlhf-pairs")
+    dataset_name: str = _help("useful fine-tuning data: a dataset name (sst2, agnews, gsm8k, alpaca...) or a file",
+                              "sst2")
     output_dir: str = _help("where the adapter, run.json and logs go", "runs/train")
     n: int = _help("number of useful examples used", 1000)
+    poison_ratio: float = _help("fraction of the n examples replaced by harmful (prompt, harmful answer) pairs", 0.0)
+    poison_data: str = _help("where the harmful pairs for poisoning come from (name or file)", "pure-bad")
+    safety_data: str = _help("safety pairs (prompt, safe, harmful) for SAP: a name or a file", "pku-saferlhf-pairs")
     n_safety: int = _help("number of safety pairs (SAP; paper: 50) or safety demonstrations (SafeInstr, Lisa)", 50)
     alignment_data: str = _help("SafeInstr/Lisa: harmful instruction -> refusal examples (a name or a file)",
                                 "safety-tuned-llamas")
-    poison_ratio: float = _help("fraction of the n examples replaced by harmful (prompt, harmful answer) pairs", 0.0)
-    poison_data: str = _help("where the harmful pairs for poisoning come from (name or file)", "pure-bad")
-    seed: int = _help("seed of everything (data sample, LoRA init, dropout, order)", 42)
-    max_steps: int = _help("optimiser steps (-1: run `epochs` epochs)", -1)
-    epochs: float = _help("epochs over the useful data when max_steps is -1", 1.0)
-    lr: float = _help("learning rate", 1e-4)
-    batch_size: int = _help("useful examples per device batch", 8)
-    grad_accum: int = _help("gradient accumulation steps", 1)
-    max_length: int = _help("maximum tokens per example (prompt + response)", 256)
-    lr_scheduler: str = _help("learning-rate schedule (transformers names)", "constant")
-    warmup_steps: int = _help("linear warm-up steps", 0)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    lora_r: int = _help("LoRA rank (0: full fine-tuning)", 8)
-    lora_alpha: int = _help("LoRA alpha", 16)
-    lora_dropout: float = _help("LoRA dropout", 0.05)
-    target_modules: str | None = _help("comma-separated LoRA target modules (none given: per architecture)")
-    bf16: bool = _help("compute in bf16 (trainable tensors stay fp32)", False)
-    logging_steps: int = _help("log every N steps", 10)
-    save_steps: int = _help("checkpoint every N steps into OUTPUT_DIR/checkpoint-N (0: only the final adapter)", 0)
     resume: bool = _help("continue from the last complete checkpoint in output_dir (same settings); "
                          "a run that already finished is not repeated", False)
-    max_bad_steps: int = _help("stop after this many steps in a row with a non-finite loss or gradient "
-                               "(each such step is skipped)", 5)
-    report_to: str = _help("none, tensorboard or wandb", "none")
     diagnostics_every: int = _help("every K steps write per-layer cos(useful, harmful-answer gradient) and the "
                                    "losses on harmful and held-out useful data to diagnostics.jsonl (0: off)", 0)
-    # SAP
-    eps: float = _help("SAP: size of the harmful perturbation", SAPConfig.eps)
-    eps_mode: str = _help("SAP: relative (eps * ||W_trainable||) or absolute", SAPConfig.eps_mode)
-    beta: float = _help("SAP: probe step size", SAPConfig.beta)
-    probe_layers: str = _help("SAP: middle, all, '3,9', '10:20' or '0.3:0.6'", SAPConfig.probe_layers)
-    probe_norm: float | None = _help("SAP: rescale the probe to this norm instead of beta * g_V")
-    safety_loss: str = _help("SAP: paper (difference of mean losses) or dpo (authors' code)", SAPConfig.safety_loss)
-    safety_every: int = _help("SAP: recompute the safety direction every K steps", SAPConfig.safety_every)
-    probe_every: int = _help("SAP: recompute the probe every K steps", SAPConfig.probe_every)
-    sap_mode: str = _help("SAP: paper (Algorithm 1) or reference (the authors' lagged schedule)", SAPConfig.mode)
-    probe_lr: float = _help("SAP reference mode: probe AdamW learning rate", SAPConfig.probe_lr)
-    safety_batch_size: int | None = _help("SAP: safety pairs per safety batch (s is their gradient; default "
-                                          "batch_size // 2, as many safety sequences as task examples; a batch "
-                                          "larger than batch_size runs in chunks of batch_size pairs)")
-    # Lisa
-    rho: float = _help("Lisa: strength of the proximal term towards the other state's weights", 1.0)
-    lisa_align_steps: int = _help("Lisa: optimiser steps on alignment data per cycle", 10)
-    lisa_task_steps: int = _help("Lisa: optimiser steps on the task data per cycle", 90)
 
     def __post_init__(self):
-        get_method(self.method)  # one-line error naming the registered methods
-        for name, valid in (("lr_scheduler", [t.value for t in SchedulerType]),
-                            ("report_to", REPORT_TO), ("sap_mode", SAP_MODES)):
-            if getattr(self, name) not in valid:
-                raise UserError(f"unknown {name} '{getattr(self, name)}'; valid choices: {', '.join(valid)}")
-        if self.safety_batch_size is None:  # resolved here, so that run.json records what the run used
-            self.safety_batch_size = default_safety_batch_size(self.batch_size)
-        for name, low in MINIMUMS.items():
-            if getattr(self, name) < low:
-                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        check_run_settings(self)
-        if self.rho < 0:
-            raise UserError(f"rho must be >= 0, got {self.rho}")
-        for name in ("lr", "epochs", "lora_alpha"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        super().__post_init__()
         if not 0 <= self.poison_ratio <= 1:
             raise UserError(f"poison_ratio must be in [0, 1], got {self.poison_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        self.sap_config()  # validates SAP's knobs
 
-    def sap_config(self) -> SAPConfig:
-        values = {name: getattr(self, name) for name in SAP_FIELDS if name != "mode"}
-        return SAPConfig(output_dir=self.output_dir, mode=self.sap_mode, **values)
+
+def train_config(shared: bool = False, **values) -> TrainConfig:
+    """TrainConfig from keyword arguments under their YAML names, the method's knobs included (`eps=0.05`). With
+    `shared` (settings written for several methods), the knobs of other methods are left out instead of refused."""
+    return TrainConfig.from_values(values, "train settings", shared)
 
 
 def data_fingerprints(cfg: TrainConfig) -> dict:
     """The datasets the run reads, by role, each with its file's sha256 (recorded with the run, checked on rerun)."""
-    data = {"task": fingerprint(cfg.task, "train")}
+    data = {"task": fingerprint(cfg.dataset_name, "train")}
     if round(cfg.n * cfg.poison_ratio):
         data["poison"] = fingerprint(cfg.poison_data, "train")
     return {**data, **method_data.fingerprints(get_method(cfg.method), cfg)}
@@ -158,7 +78,7 @@ def data_fingerprints(cfg: TrainConfig) -> dict:
 def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
     """n useful examples, a fraction replaced by harmful pairs when poisoning; and their counts."""
     n_poison = round(cfg.n * cfg.poison_ratio)
-    examples = sample(load_examples(cfg.task, "train"), cfg.n - n_poison, cfg.seed)
+    examples = sample(load_examples(cfg.dataset_name, "train"), cfg.n - n_poison, cfg.seed)
     counts = {"n_task": len(examples), "n_poison": n_poison}
     if n_poison:
         harmful = load_examples(cfg.poison_data, "train")
@@ -170,34 +90,16 @@ def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
 
 def prepare_model(cfg: TrainConfig):
     """The model to train, with its tokenizer."""
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model_name_or_path)
     return trainable(cfg, model), tokenizer
 
 
-def trainable(cfg: TrainConfig, model):
+def trainable(cfg: RunSettings, model):
     """`model` made trainable as `cfg` says: LoRA adapters, or every parameter."""
-    targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
-    return make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
-
-
-def training_arguments(cfg, out: Path, trainer_class=None):
-    """The method's config (`trainer_class.config_class`, default that of `cfg.method`'s trainer) from `cfg`: the
-    training arguments, and the method's own knobs under their names in `cfg`. The features are tokenised and
-    truncated by safeprobe already, so TRL's dataset preparation is skipped."""
-    config_class = (trainer_class or get_method(cfg.method).trainer).config_class
-    names = {"mode": "sap_mode"}  # the config's name for a knob -> its name in cfg, where they differ
-    values = {name: getattr(cfg, names.get(name, name)) for name in method_fields(config_class)
-              if hasattr(cfg, names.get(name, name))}
-    return config_class(
-        **values, output_dir=str(out), seed=cfg.seed, data_seed=cfg.seed, learning_rate=cfg.lr,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
-        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500, report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False, max_length=cfg.max_length,
-        max_bad_steps=cfg.max_bad_steps, dataset_kwargs={"skip_prepare_dataset": True},
-        use_cpu=not torch.cuda.is_available())
+    if not cfg.use_peft:
+        return make_trainable(model, 0)
+    return make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules)
 
 
 def method_records(cfg: TrainConfig) -> dict[str, list]:
@@ -210,9 +112,12 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_features, out: Path,
     `method_records`) encoded, else read from the config."""
     method = get_method(cfg.method)
     encoded = encoded if encoded is not None else method_data.features(method, cfg, tokenizer, records)
-    return method.trainer(model=model, args=training_arguments(cfg, out, method.trainer), train_dataset=train_features,
-                          data_collator=collator(tokenizer), processing_class=tokenizer,
-                          step_log=out / "train_log.jsonl", **encoded)
+    try:
+        return method.trainer(model=model, args=method_arguments(cfg, out), train_dataset=train_features,
+                              data_collator=collator(tokenizer), processing_class=tokenizer,
+                              step_log=out / "train_log.jsonl", **encoded)
+    except ValueError as e:  # the Trainer's checks of its arguments (e.g. eval_strategy without eval data)
+        raise UserError(str(e).strip().splitlines()[0]) from None
 
 
 def _logged_mean_loss(out: Path) -> float | None:
@@ -266,18 +171,18 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     set_seed(cfg.seed)
     examples, counts = task_examples(cfg)
     records = method_records(cfg)
-    model, tokenizer = load_model(cfg.model)
-    base = base_identity(model, cfg.model)  # recorded with the adapter: it is checked wherever it is loaded
+    model, tokenizer = load_model(cfg.model_name_or_path)
+    base = base_identity(model, cfg.model_name_or_path)  # recorded with the adapter: it is checked wherever it is loaded
     model = trainable(cfg, model)
     encoded = encode_all(tokenizer, examples, cfg.max_length)
     if not encoded.features:
-        raise UserError(f"{cfg.task}: every example is longer than max_length={cfg.max_length}")
+        raise UserError(f"{cfg.dataset_name}: every example is longer than max_length={cfg.max_length}")
     trainer = build_trainer(cfg, model, tokenizer, encoded.features, out, records=records)
     if cfg.diagnostics_every:
-        attach_diagnostics(trainer, cfg.task, cfg.safety_data, cfg.diagnostics_every, out)
+        attach_diagnostics(trainer, cfg.dataset_name, cfg.safety_data, cfg.diagnostics_every, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_model(trainer.model, out)
-    if cfg.lora_r:
+    if cfg.use_peft:
         write_record(out, base)
     # a resumed run's figures cover its whole trajectory: the time and the logged steps before the checkpoint too
     info = manifest(cfg, method=trainer.method_name, seed=cfg.seed, data={**data, **counts},
@@ -285,6 +190,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
                     train_loss=_logged_mean_loss(out) if checkpoint else result.training_loss,
                     global_steps=result.global_step, resumed_from=str(checkpoint) if checkpoint else None,
                     base_model={k: v for k, v in base.items() if k != "weights_signature"},
+                    training_arguments=trainer.args.to_dict(), fast_paths=trainer.fast_paths(),
                     wall_time_s=round(time.time() - start + trainer.wall_time_before_s, 2))
     write_json(out / "run.json", info)
     return info

@@ -179,6 +179,10 @@ class SafeprobeTrainer(SFTTrainer):
         return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
     # -- checkpoints -----------------------------------------------------------------------------------
+    def fast_paths(self) -> dict:
+        """The method's optional fast paths, each "on" or why it was off (recorded in run.json); none here."""
+        return {}
+
     def method_state(self) -> dict:
         """What a checkpoint must hold beyond the Trainer's files: tensors and JSON values, flat."""
         return {"bad_steps": self._bad_steps, "wall_time_s": self.wall_time_before_s + time.time() - self._started}

@@ -65,6 +65,17 @@ class SAPTrainer(SafeprobeTrainer):
         self._ref = None  # reference mode: the probe as a parameter with its own AdamW
         self._unprobed = None  # L(W, 0) of the current micro-batch, when this step computed it
 
+    def fast_paths(self) -> dict:
+        """Each of SAP's fast paths, "on" or why it was off (recorded in run.json)."""
+        checkpointing = "off: gradient checkpointing (it recomputes layers from inside the shared graph)"
+        off = checkpointing if self.args.gradient_checkpointing else None
+        packed = {True: "on", None: "not reached", False: "off: the model ignores the block attention mask (the "
+                  "packed loss differed from the padded one)"}
+        return {"shared_lower_forward": "on" if self._shared.supported else off or "off: layer 0 is probed, or the "
+                "model passes its layers inputs that differ between passes",
+                "dropout_mask_replay": "on" if self._masks.modules else off or "off: the model has no dropout",
+                "packed_safety_pass": packed[self._shared_prompt.verified]}
+
     # -- data --------------------------------------------------------------------------------------
     def _safety_stream(self, skip: int = 0) -> EndlessBatches:
         collate, size = PairCollator(self.processing_class), self._safety_chunk
