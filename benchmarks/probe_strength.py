@@ -109,7 +109,7 @@ def main():
     features = encode_all(tokenizer, examples, cfg.max_length).features
     pairs = method_data.features(get_method("sap"), cfg, tokenizer)["safety_dataset"]
     params = [p for p in model.parameters() if p.requires_grad]
-    probe = Probe(model, cfg.probe_layers)
+    probe = Probe(model, cfg.value("probe_layers"))
     task_batch, pair_batch = collator(tokenizer), PairCollator(tokenizer)
     first = task_batch(features[:args.batch])
     hidden = hidden_norms(model, probe.layers, first)

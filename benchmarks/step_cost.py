@@ -266,7 +266,7 @@ def measure(args) -> dict:
     recorders = run_in_turn([trainer for trainer, _, _ in built], CLOCKS[args.clock])
     results = {}
     for mode, (trainer, tokens, cfg), recorder in zip(modes, built, recorders):
-        step = cycle_cost(recorder.times, args.warmup, cfg.probe_every if cfg.method == "sap" else 1)
+        step = cycle_cost(recorder.times, args.warmup, cfg.value("probe_every") if cfg.method == "sap" else 1)
         peak, flops = fresh_costs(mode, args)
         results[mode] = {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak / 2**20, "gflop": flops / 1e9}
     return results
