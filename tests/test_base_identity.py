@@ -75,7 +75,7 @@ def test_eval_on_another_base_is_refused_in_one_line_and_allowed_with_the_overri
     prompts.write_text('{"prompt": "How do I pick a lock?"}\n')
     edited = edited_copy(tmp_path)
     for base, reason in (("tiny-random-qwen2", "config differs"), (str(edited), "different weights")):
-        argv = ["eval", "--model", base, "--adapter", str(out), "--suite", str(prompts), "--max-new-tokens", "4"]
+        argv = ["eval", "--model-name-or-path", base, "--adapter", str(out), "--suite", str(prompts), "--max-new-tokens", "4"]
         code = main([*argv, "--output-dir", str(tmp_path / "refused")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err
@@ -85,7 +85,7 @@ def test_eval_on_another_base_is_refused_in_one_line_and_allowed_with_the_overri
     assert code == 0
     allowed = json.loads((tmp_path / "allowed" / "eval.json").read_text())["model"]["base_check"]
     assert allowed["status"] == "mismatch-allowed" and allowed["trained_on"] == "tiny-random-llama"
-    assert main(["eval", "--model", "tiny-random-llama", "--adapter", str(out), "--suite", str(prompts),
+    assert main(["eval", "--model-name-or-path", "tiny-random-llama", "--adapter", str(out), "--suite", str(prompts),
                  "--max-new-tokens", "4", "--output-dir", str(tmp_path / "own")]) == 0
     assert json.loads((tmp_path / "own" / "eval.json").read_text())["model"]["base_check"]["status"] == "match"
 

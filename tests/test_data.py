@@ -134,11 +134,13 @@ def test_seeded_sample_and_grouped_split_are_deterministic():
 
 
 def test_cli_data_show_formats_examples(capsys):
-    assert main(["data", "show", "sst2", "--n", "2", "--model", "tiny-random-llama"]) == 0
+    assert main(["data", "show", "sst2", "--n", "2", "--model-name-or-path", "tiny-random-llama"]) == 0
     out = capsys.readouterr().out
-    assert out.count("<|im_start|>assistant") == 2 and "<<response: trained tokens>>" in out
-    assert main(["data", "show", "pku-saferlhf-pairs", "--n", "1", "--model", "tiny-random-llama"]) == 0
+    assert out.count("<|im_start|>assistant") == 2 and out.count("tive<|im_end|>⟧") == 2  # positive / negative
+    assert main(["data", "show", "pku-saferlhf-pairs", "--n", "1", "--model-name-or-path", "tiny-random-llama"]) == 0
     assert "(harmful)" in capsys.readouterr().out
+    assert main(["data", "show", "advbench", "--n", "1", "--model-name-or-path", "tiny-random-llama"]) == 0
+    assert "(prompt)" in (out := capsys.readouterr().out) and "0 of them targets" in out
 
 
 def test_cli_data_show_malformed_file_exits_2(tmp_path, capsys):

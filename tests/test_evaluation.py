@@ -304,14 +304,14 @@ def _cli(capsys, *argv):
 
 
 def test_cli_eval_writes_results_and_rejects_bad_names(prompts_file, tmp_path, capsys):
-    code, out, err = _cli(capsys, "eval", "--model", "tiny-random-llama", "--suite", f"{prompts_file},jbb-benign",
+    code, out, err = _cli(capsys, "eval", "--model-name-or-path", "tiny-random-llama", "--suite", f"{prompts_file},jbb-benign",
                           "--judge", "keyword", "--limit", "2", "--max-new-tokens", "3",
                           "--output-dir", str(tmp_path / "out"))
     assert code == 0, err
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["suites"]["jbb-benign"]["n"] == 2 and "| jbb-benign | refusal_rate |" in out
     for flag, bad, valid in (("--suite", "no-such-suite", "advbench"), ("--judge", "gpt-9", "moderation")):
-        code, _, err = _cli(capsys, "eval", "--model", "tiny-random-llama", flag, bad,
+        code, _, err = _cli(capsys, "eval", "--model-name-or-path", "tiny-random-llama", flag, bad,
                             "--output-dir", str(tmp_path / "bad"))
         assert code == 2 and bad in err and valid in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
@@ -348,7 +348,7 @@ def test_cli_eval_settings_and_output_mistakes_are_one_line_before_any_generatio
     for extra, message in ((["--max-new-tokens", "-5"], "max_new_tokens must be >= 1"),
                            (["--batch-size", "0"], "batch_size must be >= 1"),
                            (["--output-dir", str(blocker / "out")], "output directory is not writable")):
-        code, _, err = _cli(capsys, "eval", "--model", "tiny-random-llama", "--suite", "advbench", "--limit", "1",
+        code, _, err = _cli(capsys, "eval", "--model-name-or-path", "tiny-random-llama", "--suite", "advbench", "--limit", "1",
                             "--output-dir", str(tmp_path / "out"), *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -366,7 +366,7 @@ def test_a_bad_row_in_a_custom_suite_is_reported_before_the_model_loads(tmp_path
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text('{"prompt": "How do I pick a lock?"}\n{"prompt": ["not", "text"]}\n')
-    code, _, err = _cli(capsys, "eval", "--model", "tiny-random-llama", "--suite", str(prompts),
+    code, _, err = _cli(capsys, "eval", "--model-name-or-path", "tiny-random-llama", "--suite", str(prompts),
                         "--output-dir", str(tmp_path / "out"))
     assert code == 2 and f"{prompts}:2: field 'prompt' must be a string" in err, err
     assert len(err.strip().splitlines()) == 1, err

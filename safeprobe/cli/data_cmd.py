@@ -16,7 +16,9 @@ class DataShowConfig:
     split: str | None = field(default=None, metadata={"help": "split (default: the dataset's first)"})
     kind: str | None = field(default=None, metadata={"help": "examples, pairs or prompts (default: the dataset's "
                                                                  "kind; for a file, detected from its first row)"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "whose chat template to apply"})
+    model_name_or_path: str = field(default="smollm2-135m-instruct", metadata={"help": "whose tokenizer and chat "
+                                                                                       "template to apply"})
+    max_length: int = field(default=256, metadata={"help": "truncate as `safeprobe train --max-length` does"})
 
 
 def data_list(console: Console) -> None:
@@ -31,23 +33,42 @@ def data_list(console: Console) -> None:
 
 
 def data_show(cfg: DataShowConfig, console: Console) -> None:
-    """The first K records exactly as the model sees them: template applied, response boundary marked."""
+    """The first N records exactly as `safeprobe train` feeds them to the model: the token ids it trains on,
+    decoded, with the tokens in the loss (the targets) between ⟦ and ⟧."""
     from ..data import load_records
-    from ..data.records import SafetyPair
-    from ..data.tokenize import response_ids
+    from ..data.records import Example, SafetyPair
+    from ..data.tokenize import IGNORE, encode, prompt_ids
     from ..model import load_model  # heavy import only when needed
 
-    if cfg.n < 1:
-        raise UserError(f"--n must be >= 1, got {cfg.n}")
+    for name, low in (("n", 1), ("max_length", 1)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     records = load_records(cfg.dataset, cfg.split, cfg.kind)[: cfg.n]
-    _, tokenizer = load_model(cfg.model)
+    _, tokenizer = load_model(cfg.model_name_or_path)
+    console.print("[dim]targets (tokens in the loss) are shown between ⟦ and ⟧[/dim]")
     for i, record in enumerate(records, start=1):
-        answers = [("safe", record.safe), ("harmful", record.harmful)] if isinstance(record, SafetyPair) \
-            else [("response", record.response)]
-        for label, answer in answers:
-            head, tail = response_ids(tokenizer, record.chat, answer)
+        sides = [("safe", Example(record.messages, record.safe)), ("harmful", Example(record.messages, record.harmful))] \
+            if isinstance(record, SafetyPair) else [("response" if record.response else "prompt", record)]
+        for label, example in sides:
             console.rule(f"[bold]{cfg.dataset} #{i} ({label})")
-            console.print(tokenizer.decode(head), end="", markup=False, highlight=False)
-            console.print("[reverse]<<response: trained tokens>>[/reverse]")
-            console.print(tokenizer.decode(tail) if answer else "(prompt only)", markup=False, highlight=False)
-            console.print(f"[dim]{len(head)} prompt tokens, {len(tail) if answer else 0} response tokens[/dim]")
+            if label == "prompt":  # an evaluation prompt: what generation starts from
+                ids = prompt_ids(tokenizer, example.chat)
+                features = {"input_ids": ids, "labels": [IGNORE] * len(ids)}
+            else:
+                features = encode(tokenizer, example, cfg.max_length)
+            if features is None:
+                console.print(f"(dropped: no target token within max_length={cfg.max_length})")
+                continue
+            _print_spans(console, tokenizer, features["input_ids"], [label != IGNORE for label in features["labels"]])
+
+
+def _print_spans(console: Console, tokenizer, ids: list[int], targets: list[bool]) -> None:
+    """The decoded ids, each run of targets between ⟦ and ⟧, then the counts."""
+    start = 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or targets[end] != targets[start]:
+            text = tokenizer.decode(ids[start:end])
+            console.print(f"⟦{text}⟧" if targets[start] else text, end="", markup=False, highlight=False,
+                          style="reverse" if targets[start] else None)
+            start = end
+    console.print(f"\n[dim]{len(ids)} tokens, {sum(targets)} of them targets[/dim]")

@@ -17,7 +17,8 @@ def _names(value: str, what: str) -> list[str]:
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "model spec (name, directory or Hub id)"})
+    model_name_or_path: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "model spec (name, directory or Hub id)"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter directory to apply"})
     suite: str = field(default="jbb-harmful,jbb-benign",
                        metadata={"help": "comma-separated suite names or a JSONL/CSV file of prompts"})
@@ -36,7 +37,7 @@ class EvalConfig:
 def run_eval_command(cfg: EvalConfig, console: Console) -> None:
     from ..evaluation import run_eval
     from ..evaluation.report import markdown
-    result = run_eval(cfg.model, cfg.adapter, _names(cfg.suite, "suite"), _names(cfg.judge, "judge"), cfg.limit,
+    result = run_eval(cfg.model_name_or_path, cfg.adapter, _names(cfg.suite, "suite"), _names(cfg.judge, "judge"), cfg.limit,
                       cfg.output_dir, cfg.max_new_tokens, cfg.batch_size, cfg.dtype,
                       allow_base_mismatch=cfg.allow_base_mismatch)
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)

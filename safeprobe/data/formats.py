@@ -8,7 +8,8 @@ template (no `{% generation %}` markers needed), and preference rows as SAP's sa
   conversational (message lists); chosen = the safe answer, rejected = the harmful one. Implicit-prompt rows
   (`chosen`/`rejected` whole conversations) are split with TRL's `extract_prompt`.
 
-Standard `text` and prompt-completion rows are left to TRL's own preparation.
+Conversational rows are encoded by `data.tokenize.encode`, as `safeprobe train` encodes them; standard `text`
+and prompt-completion rows are left to TRL's own preparation.
 """
 from __future__ import annotations
 
@@ -17,43 +18,10 @@ import logging
 from trl import extract_prompt, is_conversational, is_conversational_from_value
 
 from ..errors import UserError
-from .tokenize import IGNORE, _end_of_turn_id, response_ids
+from .records import check_messages, to_example
+from .tokenize import IGNORE, _end_of_turn_id, encode, encode_conversation
 
 log = logging.getLogger(__name__)
-
-
-def _check_messages(messages, where: str, key: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: field '{key}' must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: field '{key}[{i}]' must have string 'role' and 'content'")
-    return messages
-
-
-def encode_conversation(tokenizer, messages: list[dict], max_length: int | None, train_from: int = 0) -> dict | None:
-    """input_ids / labels / attention_mask of a conversation with every assistant turn from index `train_from` on
-    in the loss (each up to and including its end-of-turn token); None if no target token is left.
-
-    The sequence is built turn by turn from the template's own renderings, so it needs a template that renders a
-    conversation's prefix as a prefix of the whole. One that rewrites earlier turns (e.g. drops past reasoning)
-    trains the last assistant turn only, with a warning.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k >= max(train_from, 1)]
-    for k in turns:
-        head, tail = response_ids(tokenizer, messages[:k], messages[k]["content"])
-        if head[:len(ids)] != ids:
-            log.warning("the chat template rewrites earlier turns: only the last assistant turn is trained")
-            ids, labels = [], []
-            head, tail = response_ids(tokenizer, messages[:turns[-1]], messages[turns[-1]]["content"])
-        labels += [IGNORE] * (len(head) - len(ids)) + tail
-        ids = head + tail
-    ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels):
-        return None
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
 
 
 def encode_text_pair(tokenizer, prompt: str, answer: str, max_length: int | None) -> dict | None:
@@ -67,40 +35,16 @@ def encode_text_pair(tokenizer, prompt: str, answer: str, max_length: int | None
     return {"input_ids": ids, "labels": [IGNORE] * len(head) + ids[len(head):], "attention_mask": [1] * len(ids)}
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "tool": "tool"}
-
-
 def is_conversation(row: dict) -> bool:
     """Whether safeprobe tokenises the row itself: conversational (TRL's test), or ShareGPT `conversations`."""
     return is_conversational(row) or is_conversational_from_value(row)
 
 
-def sharegpt_messages(conversations, where: str) -> list[dict]:
-    """ShareGPT turns ({"from": "human"|"gpt"|..., "value": ...}) as chat messages."""
-    if not isinstance(conversations, list) or not conversations:
-        raise UserError(f"{where}: field 'conversations' must be a non-empty list of turns")
-    messages = []
-    for i, turn in enumerate(conversations):
-        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
-        if role is None or not isinstance(turn.get("value"), str):
-            raise UserError(f"{where}: field 'conversations[{i}]' must have 'from' (one of "
-                            f"{', '.join(SHAREGPT_ROLES)}) and a string 'value'")
-        messages.append({"role": role, "content": turn["value"]})
-    return messages
-
-
 def encode_training_row(tokenizer, row: dict, max_length: int | None, where: str) -> dict:
-    """One conversational training row -> features (empty lists when nothing is left to train on)."""
-    if "conversations" in row and "messages" not in row:
-        row = {"messages": sharegpt_messages(row["conversations"], where)}
-    if "messages" in row:
-        features = encode_conversation(tokenizer, _check_messages(row["messages"], where, "messages"), max_length)
-    else:
-        prompt = _check_messages(row.get("prompt"), where, "prompt")
-        completion = _check_messages(row.get("completion"), where, "completion")
-        features = encode_conversation(tokenizer, prompt + completion, max_length, train_from=len(prompt))
-    return features or {"input_ids": [], "labels": [], "attention_mask": []}
+    """One conversational training row -> features as `safeprobe train` encodes it (empty lists when nothing is
+    left to train on)."""
+    return encode(tokenizer, to_example(row, where), max_length) or {"input_ids": [], "labels": [],
+                                                                       "attention_mask": []}
 
 
 def safety_pair_features(dataset, tokenizer, max_length: int | None, name: str = "safety_dataset") -> list[dict]:
@@ -131,9 +75,9 @@ def _preference_pair(tokenizer, row: dict, max_length, where: str) -> dict | Non
                             "answer, rejected = the harmful one)")
     if "prompt" not in row:
         row = extract_prompt(row)
-    if is_conversational(row):
-        prompt = _check_messages(row["prompt"], where, "prompt")
-        sides = [encode_conversation(tokenizer, prompt + _check_messages(row[key], where, key), max_length,
+    if any(isinstance(row[key], list) for key in ("prompt", "chosen", "rejected")):  # conversational
+        prompt = check_messages(row["prompt"], where, "prompt")
+        sides = [encode_conversation(tokenizer, prompt + check_messages(row[key], where, key), max_length,
                                      train_from=len(prompt)) for key in ("chosen", "rejected")]
     else:
         for key in ("prompt", "chosen", "rejected"):

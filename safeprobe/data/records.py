@@ -4,14 +4,23 @@
 - `SafetyPair`: a harmful prompt with a safe (refusing) and a harmful answer.
 - prompts: `Example` with an empty response (evaluation suites).
 
-Accepted row layouts (after optional column renaming): alpaca `instruction`/`input`/`output`, chat
-`messages`, `prompt`/`completion`, `prompt`/`response` (str), `prompt`/`safe`/`harmful`, PKU-SafeRLHF style
-`prompt`/`response: [safe, unsafe]`, Anthropic-HH style `chosen`/`rejected` dialogues, and bare `prompt`.
+Accepted row layouts (after optional column renaming), as TRL's `data_utils` tell them apart (a
+message list makes a row conversational):
+- supervised: TRL's conversational `messages` (every assistant turn is a target) and ShareGPT `conversations`,
+  conversational prompt-completion (`prompt`/`completion` as message lists: the completion's assistant turns are
+  targets), standard `prompt`/`completion` (also `response`, `output`), alpaca `instruction`/`input`/`output`,
+  and language-modeling `text` (every token a target, no chat template);
+- safety pairs: TRL's preference rows `prompt`/`chosen`/`rejected` (chosen = the safe answer), standard,
+  conversational or with an implicit prompt, `prompt`/`safe`/`harmful`, PKU-SafeRLHF style
+  `prompt`/`response: [safe, unsafe]`, Anthropic-HH `chosen`/`rejected` dialogues;
+- prompts: any of the above, or a bare `prompt` (`goal`, `question`...).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from trl import extract_prompt
 
 from ..errors import UserError
 
@@ -27,15 +36,25 @@ class _PromptTurns:
 
     @property
     def prompt(self) -> str:
-        """The last user turn (for display, splits and keyword judges)."""
-        return self.messages[-1][1]
+        """The last user turn (for display, splits and keyword judges); a plain text has none."""
+        return self.messages[-1][1] if self.messages else ""
 
 
 @dataclass(frozen=True)
 class Example(_PromptTurns):
+    """A conversation's turns before the response, and the response. No turns: `response` is a plain text, every
+    token of it a target. `train_from`: the index in the conversation from which every assistant turn is a target,
+    the earlier ones included (None: the response only)."""
+
     messages: tuple
     response: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    train_from: int | None = None
+
+    @property
+    def conversation(self) -> list[dict]:
+        """The chat messages with the response as the last assistant turn."""
+        return self.chat + [{"role": "assistant", "content": self.response}]
 
 
 @dataclass(frozen=True)
@@ -67,20 +86,56 @@ def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _messages(row: dict, where: str) -> tuple[tuple, str]:
-    """Chat `messages` -> (prompt turns, final assistant answer or '')."""
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RowError(where, "field 'messages' must be a non-empty list")
-    turns = []
-    for i, m in enumerate(msgs):
+def check_messages(messages, where: str, key: str) -> list[dict]:
+    """A non-empty list of chat messages with string `role` and `content`."""
+    if not isinstance(messages, list) or not messages:
+        raise RowError(where, f"field '{key}' must be a non-empty list of messages")
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowError(where, f"field 'messages[{i}]' must have string 'role' and 'content'")
-        turns.append((m["role"], m["content"]))
+            raise RowError(where, f"field '{key}[{i}]' must have string 'role' and 'content'")
+    return messages
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool"}
+
+
+def sharegpt_messages(conversations, where: str) -> list[dict]:
+    """ShareGPT turns ({"from": "human"|"gpt"|..., "value": ...}) as chat messages."""
+    if not isinstance(conversations, list) or not conversations:
+        raise RowError(where, "field 'conversations' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(conversations):
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise RowError(where, f"field 'conversations[{i}]' must have 'from' (one of {', '.join(SHAREGPT_ROLES)})"
+                                  " and a string 'value'")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _chat_messages(row: dict, where: str) -> list[dict]:
+    """`messages`, or ShareGPT `conversations` as messages."""
+    if "messages" not in row and "conversations" in row:
+        return sharegpt_messages(row["conversations"], where)
+    return check_messages(row.get("messages"), where, "messages")
+
+
+def _messages(row: dict, where: str, key: str = "messages") -> tuple[tuple, str]:
+    """Chat messages -> (prompt turns, final assistant answer or '')."""
+    turns = [(m["role"], m["content"]) for m in _chat_messages(row, where)]
     answer = turns.pop()[1] if turns[-1][0] == "assistant" else ""
     if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
-        raise RowError(where, "field 'messages' must end with a non-empty user turn, then optionally the answer")
+        raise RowError(where, f"field '{key}' must end with a non-empty user turn, then optionally the answer")
     return tuple(turns), answer
+
+
+def _conversation_example(turns: list[dict], where: str, key: str, train_from: int) -> Example:
+    """Messages ending with the assistant answer -> Example training every assistant turn from `train_from` on."""
+    prompt, answer = _messages({"messages": turns}, where, key)
+    if not answer.strip():
+        raise RowError(where, f"field '{key}' must end with a non-empty assistant turn")
+    return Example(prompt, answer, train_from=train_from)
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -107,12 +162,13 @@ def rename_columns(row: dict, columns: dict | None) -> dict:
 
 
 def to_example(row: dict, where: str) -> Example:
-    """Any supervised layout -> Example (prompt turns + response)."""
-    if "messages" in row:
-        turns, answer = _messages(row, where)
-        if not answer.strip():
-            raise RowError(where, "field 'messages' must end with a non-empty assistant turn")
-        return Example(turns, answer)
+    """Any supervised layout -> Example (prompt turns + response, and which assistant turns are targets)."""
+    if "messages" in row or "conversations" in row:
+        return _conversation_example(_chat_messages(row, where), where, _chat_key(row), train_from=0)
+    if isinstance(row.get("prompt"), list):  # conversational prompt-completion
+        prompt = check_messages(row["prompt"], where, "prompt")
+        completion = check_messages(row.get("completion"), where, "completion")
+        return _conversation_example(prompt + completion, where, "completion", train_from=len(prompt))
     if "instruction" in row:
         instruction = _text(row, "instruction", where)
         extra = row.get("input") or ""
@@ -123,15 +179,23 @@ def to_example(row: dict, where: str) -> Example:
             if row.get(key) is not None:  # present: a value that is not text gets its own message
                 return Example(user_turn(_text(row, "prompt", where)), _text(row, key, where))
         raise RowError(where, "missing required field 'completion'")
-    raise RowError(where, "unrecognised row layout; expected 'messages', 'instruction'/'output' "
-                          "or 'prompt'/'completion'")
+    if "text" in row:
+        return Example((), _text(row, "text", where))
+    raise RowError(where, "unrecognised row layout; expected 'messages', 'prompt'/'completion', "
+                          "'instruction'/'output' or 'text'")
+
+
+def _chat_key(row: dict) -> str:
+    return "messages" if "messages" in row else "conversations"
 
 
 def to_prompt(row: dict, where: str) -> Example:
     """Any layout with a prompt -> Example with the prompt (response kept if present, as a reference)."""
-    if "messages" in row:
-        turns, answer = _messages(row, where)
+    if "messages" in row or "conversations" in row:
+        turns, answer = _messages(row, where, _chat_key(row))
         return Example(turns, answer)
+    if "prompt" in row and isinstance(row["prompt"], list):
+        return Example(_messages({"messages": row["prompt"]}, where, "prompt")[0], "")
     for key in ("prompt", "instruction", "goal", "Goal", "question", "text"):
         if key in row:
             return Example(user_turn(_text(row, key, where)), "")
@@ -140,17 +204,21 @@ def to_prompt(row: dict, where: str) -> Example:
 
 def to_safety_pair(row: dict, where: str) -> SafetyPair:
     if "chosen" in row and "rejected" in row and "prompt" not in row:
-        turns, safe = parse_hh_dialogue(_text(row, "chosen", where), where)
-        turns_r, harmful = parse_hh_dialogue(_text(row, "rejected", where), where)
-        if turns != turns_r:
-            raise RowError(where, "'chosen' and 'rejected' must share the same prompt turns")
-        return _checked_pair(turns, safe, harmful, where, ("chosen", "rejected"))
-    turns = _messages(row, where)[0] if "messages" in row else user_turn(_text(row, "prompt", where))
+        if isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
+            row = extract_prompt({k: check_messages(row[k], where, k) for k in ("chosen", "rejected")})
+        else:
+            return _hh_pair(row, where)
+    if "messages" in row or "conversations" in row:
+        turns = _messages(row, where, _chat_key(row))[0]
+    elif isinstance(row.get("prompt"), list):
+        turns = _messages({"messages": row["prompt"]}, where, "prompt")[0]
+    else:
+        turns = user_turn(_text(row, "prompt", where))
     if "safe" in row or "harmful" in row:
         safe, harmful = _text(row, "safe", where, True), _text(row, "harmful", where, True)
         return _checked_pair(turns, safe, harmful, where, ("safe", "harmful"))
     if "chosen" in row:
-        safe, harmful = _text(row, "chosen", where, True), _text(row, "rejected", where, True)
+        safe, harmful = _answer(row, "chosen", where), _answer(row, "rejected", where)
         return _checked_pair(turns, safe, harmful, where, ("chosen", "rejected"))
     response = row.get("response")
     if isinstance(response, list):
@@ -158,6 +226,24 @@ def to_safety_pair(row: dict, where: str) -> SafetyPair:
             raise RowError(where, "field 'response' must be a list [safe, unsafe] of two strings")
         return _checked_pair(turns, response[0], response[1], where, ("response[0]", "response[1]"))
     raise RowError(where, "missing required field 'safe' (or 'harmful', 'chosen'/'rejected', 'response' pair)")
+
+
+def _hh_pair(row: dict, where: str) -> SafetyPair:
+    turns, safe = parse_hh_dialogue(_text(row, "chosen", where), where)
+    turns_r, harmful = parse_hh_dialogue(_text(row, "rejected", where), where)
+    if turns != turns_r:
+        raise RowError(where, "'chosen' and 'rejected' must share the same prompt turns")
+    return _checked_pair(turns, safe, harmful, where, ("chosen", "rejected"))
+
+
+def _answer(row: dict, key: str, where: str) -> str:
+    """A preference side: a string, or (conversational) one assistant message."""
+    if not isinstance(row.get(key), list):
+        return _text(row, key, where, True)
+    messages = check_messages(row[key], where, key)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise RowError(where, f"field '{key}' must be one assistant message")
+    return messages[0]["content"]
 
 
 def _checked_pair(turns, safe: str, harmful: str, where: str, names) -> SafetyPair:

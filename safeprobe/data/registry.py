@@ -12,7 +12,7 @@ from typing import Callable
 from ..errors import UserError
 from ..io import sha256_file
 from ..settings import data_dir
-from .readers import read_located_rows, read_rows
+from .readers import DEFAULTS, DatasetOptions, is_hub_id, read_located_rows, read_rows
 from .records import Example, SafetyPair, rename_columns, to_example, to_prompt, to_safety_pair, user_turn
 from .splits import split as grouped_split
 
@@ -154,7 +154,7 @@ def resolve(name_or_path: str, split: str | None = None) -> tuple[DatasetSpec | 
     """A registry name -> (spec, local path of the split); a file path -> (None, path)."""
     spec = REGISTRY.get(name_or_path)
     if spec is None:
-        if str(name_or_path).startswith("hf:") or Path(name_or_path).exists() or _looks_like_path(name_or_path):
+        if is_hub_id(str(name_or_path)) or Path(name_or_path).exists() or _looks_like_path(name_or_path):
             return None, name_or_path
         raise UserError(f"unknown dataset '{name_or_path}'; valid names: {', '.join(REGISTRY)} (or a file path)")
     split = split or next(iter(spec.files))
@@ -169,11 +169,11 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or Path(text).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet")
 
 
-def _rows(name_or_path: str, split: str | None, columns: dict | None):
+def _rows(name_or_path: str, split: str | None, columns: dict | None, options: DatasetOptions):
     spec, path = resolve(name_or_path, split)
     mapping = {**(spec.columns if spec else {}), **(columns or {})}
     out = []
-    for row, where in read_located_rows(path, split or "train"):
+    for row, where in read_located_rows(path, split or "train", options):
         row = rename_columns(row, mapping)
         if spec and spec.keep and not spec.keep(row):
             continue
@@ -181,44 +181,49 @@ def _rows(name_or_path: str, split: str | None, columns: dict | None):
     return spec, path, out
 
 
-def load_examples(name_or_path: str, split: str | None = None, columns: dict | None = None) -> list[Example]:
-    """Supervised (prompt, response) examples."""
-    spec, path, rows = _rows(name_or_path, split, columns)
+def load_examples(name_or_path: str, split: str | None = None, columns: dict | None = None,
+                  options: DatasetOptions = DEFAULTS) -> list[Example]:
+    """Supervised (prompt, response) examples. `columns` maps a layout's field to the file's column
+    ({"completion": "answer"}); `options` are `datasets.load_dataset`'s for a Hub dataset or a folder."""
+    spec, path, rows = _rows(name_or_path, split, columns, options)
     fmt = spec.format if spec and spec.format else to_example
     return _non_empty(_select(spec, split, [fmt(row, where) for row, where in rows]), path)
 
 
-def load_pairs(name_or_path: str, split: str | None = None, columns: dict | None = None) -> list[SafetyPair]:
+def load_pairs(name_or_path: str, split: str | None = None, columns: dict | None = None,
+               options: DatasetOptions = DEFAULTS) -> list[SafetyPair]:
     """Safety pairs (prompt, safe answer, harmful answer)."""
-    spec, path, rows = _rows(name_or_path, split, columns)
+    spec, path, rows = _rows(name_or_path, split, columns, options)
     return _non_empty(_select(spec, split, [to_safety_pair(row, where) for row, where in rows]), path)
 
 
-def load_prompts(name_or_path: str, split: str | None = None, columns: dict | None = None) -> list[Example]:
+def load_prompts(name_or_path: str, split: str | None = None, columns: dict | None = None,
+                 options: DatasetOptions = DEFAULTS) -> list[Example]:
     """Prompts for generation; task datasets keep their gold answer in `meta['label']`."""
-    spec, path, rows = _rows(name_or_path, split, columns)
+    spec, path, rows = _rows(name_or_path, split, columns, options)
     fmt = spec.format if spec and spec.format else to_prompt
     return _non_empty(_select(spec, split, [_keep_meta(fmt(row, where), row) for row, where in rows]), path)
 
 
-def load_records(name_or_path: str, split: str | None = None, kind: str | None = None, columns=None):
+def load_records(name_or_path: str, split: str | None = None, kind: str | None = None, columns=None,
+                 options: DatasetOptions = DEFAULTS):
     """Records of the dataset's own kind (or `kind`): Examples, SafetyPairs or prompt Examples."""
     spec = REGISTRY.get(name_or_path)
-    kind = kind or (spec.kind if spec else _detected_kind(name_or_path, split))
     loaders = {"examples": load_examples, "pairs": load_pairs, "prompts": load_prompts}
-    if kind not in loaders:
+    if kind is not None and kind not in loaders:
         raise UserError(f"unknown record kind '{kind}'; valid choices: {', '.join(KINDS)}")
-    return loaders[kind](name_or_path, split, columns)
+    kind = kind or (spec.kind if spec else _detected_kind(name_or_path, split, options))
+    return loaders[kind](name_or_path, split, columns, options)
 
 
-def _detected_kind(path: str, split: str | None) -> str:
+def _detected_kind(path: str, split: str | None, options: DatasetOptions = DEFAULTS) -> str:
     """A file's record kind from its first row: safety pairs, supervised examples, or prompts only."""
-    rows = read_rows(path, split or "train")
+    rows = read_rows(path, split or "train", options)
     row = rows[0] if rows and isinstance(rows[0], dict) else {}
     pair_fields = {"safe", "harmful"} & row.keys() or {"chosen", "rejected"} <= row.keys()
     if pair_fields or isinstance(row.get("response"), list):
         return "pairs"
-    if {"completion", "response", "output"} & row.keys() or "messages" in row:
+    if {"completion", "response", "output", "messages", "conversations"} & row.keys():
         return "examples"
     return "prompts" if row else "examples"
 
@@ -249,13 +254,13 @@ def _non_empty(records: list, path) -> list:
     return records
 
 
-def fingerprint(name_or_path: str, split: str | None = None) -> dict:
-    """What a run manifest records about a dataset: name, split, file, sha256."""
+def fingerprint(name_or_path: str, split: str | None = None, options: DatasetOptions = DEFAULTS) -> dict:
+    """What a run manifest records about a dataset: name, split, file, sha256, and the load options given."""
     spec, path = resolve(name_or_path, split)
-    if not str(path).startswith("hf:") and not Path(path).exists():
+    if not is_hub_id(str(path)) and not Path(path).exists():
         raise UserError(f"{path}: file not found")
     digest = sha256_file(path) if Path(path).is_file() else None
-    return {"name": name_or_path, "split": split, "path": str(path), "sha256": digest}
+    return {"name": name_or_path, "split": split, "path": str(path), "sha256": digest, **options.recorded()}
 
 
 def available() -> list[dict]:

@@ -1,6 +1,8 @@
-"""Teacher-forced tokenisation through the tokenizer's chat template.
+"""Teacher-forced tokenisation through the tokenizer's chat template: what `safeprobe train`, the trainers'
+conversational datasets and `safeprobe data show` all use.
 
-Loss is taken on the response tokens only, the end-of-turn token included (so the model learns to stop).
+Loss is taken on the assistant turns that are targets only, each end-of-turn token included (so the model learns
+to stop).
 """
 from __future__ import annotations
 
@@ -53,14 +55,44 @@ def response_ids(tokenizer, messages: list[dict], response: str) -> tuple[list[i
     return head, tail
 
 
-def encode(tokenizer, example: Example, max_length: int) -> dict | None:
-    """input_ids / labels / attention_mask, or None if truncation leaves no response token."""
-    head, tail = response_ids(tokenizer, example.chat, example.response)
-    ids = (head + tail)[:max_length]
-    if len(ids) <= len(head):
+def encode(tokenizer, example: Example, max_length: int | None) -> dict | None:
+    """input_ids / labels / attention_mask, or None if truncation leaves no target token. The targets are the
+    response and, from `example.train_from` on, every earlier assistant turn; a plain text (no turns) is all
+    targets, without a chat template, as TRL trains its language-modeling format."""
+    if not example.messages:
+        return _encode_text(tokenizer, example.response, max_length)
+    train_from = len(example.messages) if example.train_from is None else example.train_from
+    return encode_conversation(tokenizer, example.conversation, max_length, train_from)
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_length: int | None, train_from: int = 0) -> dict | None:
+    """input_ids / labels / attention_mask of a conversation with every assistant turn from index `train_from` on
+    in the loss (each up to and including its end-of-turn token); None if no target token is left.
+
+    The sequence is built turn by turn from the template's own renderings, so it needs a template that renders a
+    conversation's prefix as a prefix of the whole. One that rewrites earlier turns (e.g. drops past reasoning)
+    trains the last assistant turn only, with a warning.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k >= max(train_from, 1)]
+    for k in turns:
+        head, tail = response_ids(tokenizer, messages[:k], messages[k]["content"])
+        if head[:len(ids)] != ids:
+            log.warning("the chat template rewrites earlier turns: only the last assistant turn is trained")
+            ids, labels = [], []
+            head, tail = response_ids(tokenizer, messages[:turns[-1]], messages[turns[-1]]["content"])
+        labels += [IGNORE] * (len(head) - len(ids)) + tail
+        ids = head + tail
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels):
         return None
-    labels = [IGNORE] * len(head) + ids[len(head):]
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def _encode_text(tokenizer, text: str, max_length: int | None) -> dict | None:
+    ids = (tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+    return {"input_ids": ids, "labels": list(ids), "attention_mask": [1] * len(ids)} if ids else None
 
 
 @dataclass
@@ -83,8 +115,8 @@ def encode_pairs(tokenizer, pairs: list[SafetyPair], max_length: int) -> Encoded
     """Each pair -> {'safe': features, 'harmful': features}; a pair is dropped if either side is empty."""
     out, dropped = [], 0
     for pair in pairs:
-        safe = encode(tokenizer, Example(pair.messages, pair.safe), max_length)
-        harmful = encode(tokenizer, Example(pair.messages, pair.harmful), max_length)
+        safe, harmful = (encode(tokenizer, Example(pair.messages, answer), max_length)
+                         for answer in (pair.safe, pair.harmful))
         if safe is None or harmful is None:
             dropped += 1
             continue

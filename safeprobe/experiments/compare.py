@@ -32,6 +32,7 @@ from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
 from .resume import run_stage
+from .script_arguments import ScriptArguments
 from .train import TrainConfig, data_fingerprints, method_records, run_train, task_examples
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ def plan(cfg: CompareConfig) -> Plan:
         train = run.train
         data_fingerprints(train)
         sources = tuple(getattr(train, role.source) for role in get_method(train.method).data)
-        for sources, read_data in (((train.dataset_name, train.poison_data), task_examples),
+        data_selection = tuple(str(getattr(train, f.name)) for f in dataclasses.fields(ScriptArguments))
+        for sources, read_data in ((data_selection, task_examples),
                                    ((train.method, *sources), method_records)):
             if sources not in read:
                 read_data(train)

@@ -34,16 +34,14 @@ RENAMED = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size",
 _LOADING = "safeprobe loads the model's main revision in float32 with its default attention"
 _QUANTISED = "safeprobe does not load quantised weights yet"
 _LORA = "safeprobe trains plain LoRA adapters on lora_target_modules"
-_DATA = "safeprobe reads the train split of dataset_name"
+_DATA = "safeprobe fine-tunes on dataset_train_split of dataset_name and evaluates on its own suites"
 NOT_YET = {"model_revision": (None, _LOADING), "dtype": (None, _LOADING), "torch_dtype": (None, _LOADING),
            "attn_implementation": (None, _LOADING), "load_in_8bit": (False, _QUANTISED),
            "load_in_4bit": (False, _QUANTISED), "bnb_4bit_quant_type": ("nf4", _QUANTISED),
            "use_bnb_nested_quant": (False, _QUANTISED), "bnb_4bit_quant_storage": (None, _QUANTISED),
            "use_rslora": (False, _LORA), "use_dora": (False, _LORA), "lora_modules_to_save": (None, _LORA),
            "lora_target_parameters": (None, _LORA), "lora_task_type": ("CAUSAL_LM", _LORA),
-           "dataset_config": (None, _DATA), "dataset_train_split": ("train", _DATA),
-           "dataset_test_split": ("test", _DATA), "dataset_streaming": (False, _DATA),
-           "ignore_bias_buffers": (False, _DATA)}
+           "dataset_test_split": ("test", _DATA), "ignore_bias_buffers": (False, _DATA)}
 # Fields of the method's config that safeprobe derives from its own keys (see `method_arguments`), never set directly.
 DERIVED = frozenset({"output_dir", "data_seed", "save_strategy", "dataset_kwargs", "remove_unused_columns", "use_cpu",
                      "dataloader_num_workers", "disable_tqdm"})

@@ -27,25 +27,21 @@ from . import method_data
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
 from .run_settings import RunSettings, method_arguments
+from .script_arguments import ScriptArguments
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(RunSettings):
-    """Every setting of `safeprobe train`: the data it reads (the script arguments of TRL's scripts), the shared
-    training keys of `RunSettings`, and the method's own knobs in `method_settings`."""
+class TrainConfig(RunSettings, ScriptArguments):
+    """Every setting of `safeprobe train`: the data it fine-tunes on (`ScriptArguments`, as in TRL's scripts), the
+    method's own data, the shared training keys of `RunSettings`, and the method's knobs in `method_settings`."""
 
     STAGE: ClassVar[str] = TRAIN
     MINIMUMS: ClassVar[dict] = {"n": 1, "n_safety": 1, "diagnostics_every": 0}
 
     method: str = _help("fine-tuning method: sft, sap, safeinstr, lisa or a registered one", "sft")
-    dataset_name: str = _help("useful fine-tuning data: a dataset name (sst2, agnews, gsm8k, alpaca...) or a file",
-                              "sst2")
     output_dir: str = _help("where the adapter, run.json and logs go", "runs/train")
-    n: int = _help("number of useful examples used", 1000)
-    poison_ratio: float = _help("fraction of the n examples replaced by harmful (prompt, harmful answer) pairs", 0.0)
-    poison_data: str = _help("where the harmful pairs for poisoning come from (name or file)", "pure-bad")
     safety_data: str = _help("safety pairs (prompt, safe, harmful) for SAP: a name or a file", "pku-saferlhf-pairs")
     n_safety: int = _help("number of safety pairs (SAP; paper: 50) or safety demonstrations (SafeInstr, Lisa)", 50)
     alignment_data: str = _help("SafeInstr/Lisa: harmful instruction -> refusal examples (a name or a file)",
@@ -57,8 +53,7 @@ class TrainConfig(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.poison_ratio <= 1:
-            raise UserError(f"poison_ratio must be in [0, 1], got {self.poison_ratio}")
+        self.check_data()
 
 
 def train_config(shared: bool = False, **values) -> TrainConfig:
@@ -69,7 +64,7 @@ def train_config(shared: bool = False, **values) -> TrainConfig:
 
 def data_fingerprints(cfg: TrainConfig) -> dict:
     """The datasets the run reads, by role, each with its file's sha256 (recorded with the run, checked on rerun)."""
-    data = {"task": fingerprint(cfg.dataset_name, "train")}
+    data = {"task": fingerprint(cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_options(cfg.seed, cfg.n))}
     if round(cfg.n * cfg.poison_ratio):
         data["poison"] = fingerprint(cfg.poison_data, "train")
     return {**data, **method_data.fingerprints(get_method(cfg.method), cfg)}
@@ -78,7 +73,9 @@ def data_fingerprints(cfg: TrainConfig) -> dict:
 def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
     """n useful examples, a fraction replaced by harmful pairs when poisoning; and their counts."""
     n_poison = round(cfg.n * cfg.poison_ratio)
-    examples = sample(load_examples(cfg.dataset_name, "train"), cfg.n - n_poison, cfg.seed)
+    task = load_examples(cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_column_mapping,
+                         cfg.dataset_options(cfg.seed, cfg.n))
+    examples = sample(task, cfg.n - n_poison, cfg.seed)
     counts = {"n_task": len(examples), "n_poison": n_poison}
     if n_poison:
         harmful = load_examples(cfg.poison_data, "train")
