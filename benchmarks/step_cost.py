@@ -38,7 +38,10 @@ from safeprobe.memory import keep_freed_memory
 
 MODES = {"sft": dict(method="sft"), "sap": dict(method="sap"),
          "sap_k4": dict(method="sap", safety_every=4, probe_every=4),
-         "reference": dict(method="sap", mode="reference")}
+         "reference": dict(method="sap", mode="reference"),
+         # with activation checkpointing (TRL's default; SAP's shared-forward and dropout-replay paths turn off)
+         "sft_gc": dict(method="sft", gradient_checkpointing=True),
+         "sap_gc": dict(method="sap", gradient_checkpointing=True)}
 
 
 # wall: elapsed time. cpu: CPU time of the process, all threads (the trainers not stepping only wait); on a CPU
@@ -265,8 +268,8 @@ def measure(args) -> dict:
     built = [make_trainer(mode, args) for mode in modes]
     recorders = run_in_turn([trainer for trainer, _, _ in built], CLOCKS[args.clock])
     results = {}
-    for mode, (trainer, tokens, cfg), recorder in zip(modes, built, recorders):
-        step = cycle_cost(recorder.times, args.warmup, cfg.value("probe_every") if cfg.method == "sap" else 1)
+    for mode, (_, tokens, _), recorder in zip(modes, built, recorders):
+        step = cycle_cost(recorder.times, args.warmup, MODES[mode].get("probe_every", 1))
         peak, flops = fresh_costs(mode, args)
         results[mode] = {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak / 2**20, "gflop": flops / 1e9}
     return results
@@ -337,7 +340,8 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or process CPU time (CPU runs on a shared machine; meaningless on a GPU)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated; sft must be one of them")
+    p.add_argument("--modes", default="sft,sap,sap_k4,reference",
+                   help=f"comma-separated, of {', '.join(MODES)}; sft must be one of them")
     p.add_argument("--output-dir", default="runs/bench")
     args = p.parse_args()
     check_args(p, args)

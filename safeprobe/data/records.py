@@ -121,18 +121,27 @@ def _chat_messages(row: dict, where: str) -> list[dict]:
     return check_messages(row.get("messages"), where, "messages")
 
 
+def is_message_list(value) -> bool:
+    """A conversational field (TRL's test: a list of role/content dicts), as opposed to a string."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
 def _messages(row: dict, where: str, key: str = "messages") -> tuple[tuple, str]:
-    """Chat messages -> (prompt turns, final assistant answer or '')."""
-    turns = [(m["role"], m["content"]) for m in _chat_messages(row, where)]
+    """A row's chat (`messages`, `conversations`, or the message list under `key`) -> (prompt turns, final assistant
+    answer or '')."""
+    messages = _chat_messages(row, where) if key in ("messages", "conversations") else \
+        check_messages(row[key], where, key)
+    turns = [(m["role"], m["content"]) for m in messages]
     answer = turns.pop()[1] if turns[-1][0] == "assistant" else ""
     if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
         raise RowError(where, f"field '{key}' must end with a non-empty user turn, then optionally the answer")
     return tuple(turns), answer
 
 
-def _conversation_example(turns: list[dict], where: str, key: str, train_from: int) -> Example:
-    """Messages ending with the assistant answer -> Example training every assistant turn from `train_from` on."""
-    prompt, answer = _messages({"messages": turns}, where, key)
+def _conversation_example(row: dict, where: str, key: str, train_from: int) -> Example:
+    """The chat under `key`, ending with the assistant answer -> Example training every assistant turn from
+    `train_from` on."""
+    prompt, answer = _messages(row, where, key)
     if not answer.strip():
         raise RowError(where, f"field '{key}' must end with a non-empty assistant turn")
     return Example(prompt, answer, train_from=train_from)
@@ -164,11 +173,11 @@ def rename_columns(row: dict, columns: dict | None) -> dict:
 def to_example(row: dict, where: str) -> Example:
     """Any supervised layout -> Example (prompt turns + response, and which assistant turns are targets)."""
     if "messages" in row or "conversations" in row:
-        return _conversation_example(_chat_messages(row, where), where, _chat_key(row), train_from=0)
-    if isinstance(row.get("prompt"), list):  # conversational prompt-completion
+        return _conversation_example(row, where, _chat_key(row), train_from=0)
+    if is_message_list(row.get("prompt")):  # conversational prompt-completion
         prompt = check_messages(row["prompt"], where, "prompt")
         completion = check_messages(row.get("completion"), where, "completion")
-        return _conversation_example(prompt + completion, where, "completion", train_from=len(prompt))
+        return _conversation_example({"completion": prompt + completion}, where, "completion", len(prompt))
     if "instruction" in row:
         instruction = _text(row, "instruction", where)
         extra = row.get("input") or ""
@@ -194,8 +203,8 @@ def to_prompt(row: dict, where: str) -> Example:
     if "messages" in row or "conversations" in row:
         turns, answer = _messages(row, where, _chat_key(row))
         return Example(turns, answer)
-    if "prompt" in row and isinstance(row["prompt"], list):
-        return Example(_messages({"messages": row["prompt"]}, where, "prompt")[0], "")
+    if is_message_list(row.get("prompt")):
+        return Example(_messages(row, where, "prompt")[0], "")
     for key in ("prompt", "instruction", "goal", "Goal", "question", "text"):
         if key in row:
             return Example(user_turn(_text(row, key, where)), "")
@@ -206,12 +215,14 @@ def to_safety_pair(row: dict, where: str) -> SafetyPair:
     if "chosen" in row and "rejected" in row and "prompt" not in row:
         if isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
             row = extract_prompt({k: check_messages(row[k], where, k) for k in ("chosen", "rejected")})
+            if not row["prompt"]:
+                raise RowError(where, "'chosen' and 'rejected' must start with the same prompt turns")
         else:
             return _hh_pair(row, where)
     if "messages" in row or "conversations" in row:
         turns = _messages(row, where, _chat_key(row))[0]
-    elif isinstance(row.get("prompt"), list):
-        turns = _messages({"messages": row["prompt"]}, where, "prompt")[0]
+    elif is_message_list(row.get("prompt")):
+        turns = _messages(row, where, "prompt")[0]
     else:
         turns = user_turn(_text(row, "prompt", where))
     if "safe" in row or "harmful" in row:

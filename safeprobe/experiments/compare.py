@@ -21,7 +21,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from ..cli.config import from_mapping
+from ..config_file import from_mapping
 from ..errors import TrainingDiverged, UserError, check_seed
 from ..evaluation import SUITES, get_suite, run_eval
 from ..evaluation.suites import TASK

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from transformers import HfArgumentParser, SchedulerType
 
+from ..config_file import from_mapping
 from ..errors import UserError, check_seed
 from ..method import SafeprobeConfig, get_method, methods
 from ..method.config import _help
@@ -113,7 +114,6 @@ class RunSettings:
     @classmethod
     def from_values(cls, values: dict, source: str, shared: bool = False):
         """The config from a mapping of YAML keys (see `split_keys`); every mistake is a one-line error."""
-        from ..cli.config import from_mapping  # the generic key-by-key reader
         return from_mapping(cls, split_keys(cls, values, source, shared), source)
 
     def value(self, name: str):
