@@ -41,7 +41,10 @@ MODES = {"sft": dict(method="sft"), "sap": dict(method="sap"),
          "reference": dict(method="sap", mode="reference"),
          # with activation checkpointing (TRL's default; SAP's shared-forward and dropout-replay paths turn off)
          "sft_gc": dict(method="sft", gradient_checkpointing=True),
-         "sap_gc": dict(method="sap", gradient_checkpointing=True)}
+         "sap_gc": dict(method="sap", gradient_checkpointing=True),
+         # QLoRA: 4-bit base weights (bitsandbytes on a CUDA GPU), checkpointing as QLoRA runs use it
+         "sft_qlora": dict(method="sft", load_in_4bit=True, gradient_checkpointing=True),
+         "sap_qlora": dict(method="sap", load_in_4bit=True, gradient_checkpointing=True)}
 
 
 # wall: elapsed time. cpu: CPU time of the process, all threads (the trainers not stepping only wait); on a CPU
@@ -214,7 +217,9 @@ def make_trainer(mode: str, args, max_steps: int | None = None):
     cfg = train_config(shared=True, model_name_or_path=args.model, output_dir=f"{args.output_dir}/{mode}",
                        max_steps=max_steps or args.warmup + args.steps, per_device_train_batch_size=args.batch,
                        safety_batch_size=args.safety_pairs, use_peft=args.lora_r > 0, lora_r=max(args.lora_r, 1),
-                       probe_layers=args.probe_layers, bf16=args.bf16, logging_steps=10**6, seed=0, **MODES[mode])
+                       probe_layers=args.probe_layers, bf16=args.bf16, logging_steps=10**6, seed=0,
+                       dtype=getattr(args, "dtype", "float32"),
+                       lora_target_modules=getattr(args, "lora_target_modules", None), **MODES[mode])
     torch.manual_seed(0)  # the same LoRA initialisation in every mode
     model, tokenizer = prepare_model(cfg)
     n = args.batch * (args.warmup + args.steps)

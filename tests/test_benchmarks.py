@@ -1,4 +1,5 @@
 """The benchmark scripts refuse settings they cannot measure with a one-line usage error, before any model loads."""
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -79,3 +80,19 @@ def test_step_flops_counts_each_step_from_the_first_asked_for():
         recorder.on_step_end(None, state, TrainerControl())
     matmul, attention = 2 * 3 * 5 * 7, 4 * 1 * 2 * 4 * 4 * 8
     assert recorder.flops == [2 * matmul + attention, 3 * matmul + attention]  # step 0 not counted
+
+
+def test_the_gpu_benchmark_runs_at_the_tiny_shape_on_a_cpu(monkeypatch, capsys, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))  # it imports step_cost's measurement
+    monkeypatch.setattr(sys, "path", sys.path)
+    gpu = load("gpu_step_cost")
+    monkeypatch.setattr(sys, "argv", ["gpu_step_cost.py", "--shape", "tiny", "--seq-len", "96", "--batch", "2",
+                                      "--steps", "4", "--lora-r", "4", "--output-dir", str(tmp_path)])
+    gpu.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["modes"]) == {"sft", "sap", "sap_k4", "sft_gc", "sap_gc"}
+    assert result["qlora"] == "skipped: needs a CUDA GPU and bitsandbytes"
+    modes = result["modes"]
+    assert all(m["step_s"] > 0 and m["gflop"] > 0 and m["mfu"] is None for m in modes.values())
+    assert modes["sap"]["gflop"] > modes["sft"]["gflop"]  # SAP's extra passes are counted
+    assert modes["sap_gc"]["gflop"] > modes["sap"]["gflop"]  # checkpointing recomputes the forward

@@ -60,12 +60,12 @@ from ..io import append_jsonl, check_output_dir, output_lock, sha256_json, write
 from ..method import ALIGN, get_method, methods
 from ..method.config import _help
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
-from ..model import MODEL_NAMES, load_model, model_summary
+from ..model import MODEL_NAMES, model_summary
 from ..settings import home_dir
 from .manifest import manifest
 from . import method_data
-from .run_settings import RunSettings, knob_names, method_arguments
-from .train import save_model, trainable
+from .run_settings import RunSettings, knob_names, method_arguments, non_default_loading
+from .train import load_base, save_model, trainable
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def cache_key(cfg: AlignConfig, data: dict) -> str:
     """Short hash of what determines the aligned model: the relevant settings and the data files' contents."""
     other_methods = {name for method in methods(ALIGN).values() if method.name != cfg.method
                      for name in own_fields(method)}
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_KEY | other_methods}
+    settings = {k: v for k, v in non_default_loading(cfg.to_dict()).items() if k not in NOT_IN_KEY | other_methods}
     digests = {name: [d["sha256"] for d in found] if isinstance(found, list) else found["sha256"]
                for name, found in data.items()}
     return sha256_json({"recipe": RECIPE, "settings": settings, "data": digests})[:12]
@@ -221,7 +221,7 @@ def _align(cfg: AlignConfig, out: Path, key: str, data: dict) -> dict:
     prompts = benign_prompts(cfg)
     method = get_method(cfg.method, ALIGN)
     read = method_data.records(method, cfg)
-    model, tokenizer = load_model(cfg.model_name_or_path)
+    model, tokenizer = load_base(cfg)
     before_generation = time.time()
     answers = self_answers(model, tokenizer, [p for bucket in prompts.values() for p in bucket], cfg, out)
     generated = time.time()

@@ -23,24 +23,19 @@ from ..config_file import from_mapping
 from ..errors import UserError, check_seed
 from ..method import SafeprobeConfig, get_method, methods
 from ..method.config import _help
+from ..model.loading import LoadOptions, resolve_dtype
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 # Old safeprobe keys -> TRL's names: a config that still uses one gets a one-line error naming the new key.
 RENAMED = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size",
            "grad_accum": "gradient_accumulation_steps", "epochs": "num_train_epochs",
            "lr_scheduler": "lr_scheduler_type", "sap_mode": "mode", "model": "model_name_or_path",
-           "task": "dataset_name", "target_modules": "lora_target_modules"}
+           "task": "dataset_name", "target_modules": "lora_target_modules", "torch_dtype": "dtype"}
 # TRL's ModelConfig / ScriptArguments keys that safeprobe does not read yet: their default value is accepted, any
 # other is a one-line error saying what safeprobe does instead.
-_LOADING = "safeprobe loads the model's main revision in float32 with its default attention"
-_QUANTISED = "safeprobe does not load quantised weights yet"
 _LORA = "safeprobe trains plain LoRA adapters on lora_target_modules"
 _DATA = "safeprobe fine-tunes on dataset_train_split of dataset_name and evaluates on its own suites"
-NOT_YET = {"model_revision": (None, _LOADING), "dtype": (None, _LOADING), "torch_dtype": (None, _LOADING),
-           "attn_implementation": (None, _LOADING), "load_in_8bit": (False, _QUANTISED),
-           "load_in_4bit": (False, _QUANTISED), "bnb_4bit_quant_type": ("nf4", _QUANTISED),
-           "use_bnb_nested_quant": (False, _QUANTISED), "bnb_4bit_quant_storage": (None, _QUANTISED),
-           "use_rslora": (False, _LORA), "use_dora": (False, _LORA), "lora_modules_to_save": (None, _LORA),
+NOT_YET = {"use_rslora": (False, _LORA), "use_dora": (False, _LORA), "lora_modules_to_save": (None, _LORA),
            "lora_target_parameters": (None, _LORA), "lora_task_type": ("CAUSAL_LM", _LORA),
            "dataset_test_split": ("test", _DATA), "ignore_bias_buffers": (False, _DATA)}
 # Fields of the method's config that safeprobe derives from its own keys (see `method_arguments`), never set directly.
@@ -71,6 +66,19 @@ class RunSettings:
     lr_scheduler_type: str = _help("learning-rate schedule (transformers names)", "constant")
     warmup_steps: int = _help("linear warm-up steps", 0)
     weight_decay: float = _help("AdamW weight decay", 0.0)
+    dtype: str = _help("dtype of the loaded weights: float32, bfloat16, float16 or auto (as saved); LoRA adapters "
+                       "and SAP's perturbation arithmetic stay in float32", "float32")
+    model_revision: str = _help("branch, tag or commit of a Hub model", "main")
+    attn_implementation: str | None = _help("eager, sdpa, flash_attention_2... (none: transformers' choice)")
+    trust_remote_code: bool = _help("run the model code a Hub repository ships (only for repositories you trust)",
+                                    False)
+    load_in_4bit: bool = _help("QLoRA: load the base weights in 4 bits (bitsandbytes, CUDA; needs use_peft)", False)
+    load_in_8bit: bool = _help("load the base weights in 8 bits (bitsandbytes, CUDA; needs use_peft)", False)
+    bnb_4bit_quant_type: str = _help("4-bit quantisation: nf4 or fp4", "nf4")
+    use_bnb_nested_quant: bool = _help("quantise the 4-bit quantisation constants too (saves ~0.4 bit a weight)",
+                                       False)
+    bnb_4bit_quant_storage: str | None = _help("dtype the 4-bit weights are stored in (none: uint8; FSDP wants the "
+                                               "compute dtype)")
     use_peft: bool = _help("train LoRA adapters (false: every parameter)", True)
     lora_r: int = _help("LoRA rank", 8)
     lora_alpha: int = _help("LoRA alpha", 16)
@@ -103,6 +111,12 @@ class RunSettings:
         check_seed(self.seed)
         if self.max_steps == 0:
             raise UserError("max_steps must be >= 1, or -1 to run num_train_epochs epochs; got 0")
+        resolve_dtype(self.dtype)
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise UserError(f"unknown bnb_4bit_quant_type '{self.bnb_4bit_quant_type}'; valid choices: nf4, fp4")
+        if load_options(self).quantised and not self.use_peft:
+            raise UserError("quantised weights cannot be trained: set use_peft (QLoRA trains LoRA adapters on them)")
+        load_options(self).check()
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise UserError(f"report_to '{self.report_to}' needs the {self.report_to} package (pip install "
                             f"{self.report_to}), or use 'none'")
@@ -130,6 +144,21 @@ class RunSettings:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method_settings"}
         knobs = {k: getattr(self.method_args, k) for k in knob_names(get_method(self.method, self.STAGE))}
         return {**values, **self.method_settings, **knobs}
+
+
+def load_options(cfg: RunSettings) -> LoadOptions:
+    """How `load_model` loads cfg's model (TRL's ModelConfig keys)."""
+    return LoadOptions(**{f.name: getattr(cfg, f.name if f.name != "revision" else "model_revision")
+                          for f in dataclasses.fields(LoadOptions)})
+
+
+def non_default_loading(values: dict) -> dict:
+    """`values` without the loading keys (dtype, revision, attention, quantisation) that are at their defaults:
+    those load what safeprobe loaded before it had the keys, so caches keyed on settings stay valid."""
+    defaults = {name: RunSettings.__dataclass_fields__[name].default
+                for name in ("dtype", "model_revision", "attn_implementation", "trust_remote_code", "load_in_4bit",
+                             "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")}
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
 
 
 def own_keys(cls) -> list[str]:

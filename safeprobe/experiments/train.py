@@ -26,7 +26,7 @@ from ..model.identity import base_identity, write_record
 from . import method_data
 from .manifest import manifest
 from .resume import finished_run, prepare_resume, resume_point, start_fresh
-from .run_settings import RunSettings, method_arguments
+from .run_settings import RunSettings, load_options, method_arguments
 from .script_arguments import ScriptArguments
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,24 @@ def task_examples(cfg: TrainConfig) -> tuple[list, dict]:
     return examples, counts
 
 
+def load_base(cfg: RunSettings):
+    """The base model (as cfg's dtype, revision, attention and quantisation keys say) and its tokenizer."""
+    return load_model(cfg.model_name_or_path, cfg.dtype, options=load_options(cfg))
+
+
 def prepare_model(cfg: TrainConfig):
     """The model to train, with its tokenizer."""
-    model, tokenizer = load_model(cfg.model_name_or_path)
+    model, tokenizer = load_base(cfg)
     return trainable(cfg, model), tokenizer
 
 
 def trainable(cfg: RunSettings, model):
-    """`model` made trainable as `cfg` says: LoRA adapters, or every parameter."""
+    """`model` made trainable as `cfg` says: LoRA adapters (on quantised weights: QLoRA), or every parameter."""
     if not cfg.use_peft:
         return make_trainable(model, 0)
+    if load_options(cfg).quantised:  # casts norms to fp32, enables input gradients for checkpointing
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     return make_trainable(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules)
 
@@ -168,7 +176,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     set_seed(cfg.seed)
     examples, counts = task_examples(cfg)
     records = method_records(cfg)
-    model, tokenizer = load_model(cfg.model_name_or_path)
+    model, tokenizer = load_base(cfg)
     base = base_identity(model, cfg.model_name_or_path)  # recorded with the adapter: it is checked wherever it is loaded
     model = trainable(cfg, model)
     encoded = encode_all(tokenizer, examples, cfg.max_length)
