@@ -266,7 +266,7 @@ def test_align_bad_input_is_one_line_exit_2(args, message, home, capsys):
 @pytest.mark.parametrize("flag, method", [("--refusal-data", "plain"), ("--harmful-data", "booster")])
 def test_a_bad_row_in_the_alignment_data_is_reported_before_the_model_loads(flag, method, home, tmp_path, capsys,
                                                                               monkeypatch):
-    monkeypatch.setattr(align, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data was read"))
+    monkeypatch.setattr(align, "load_base", lambda *a, **k: pytest.fail("the model loaded before the data was read"))
     bad = tmp_path / "bad.jsonl"
     rows = {"plain": '{"prompt": "p", "completion": "No."}\n{"prompt": "q"}\n',
             "booster": '{"prompt": "p", "safe": "No.", "harmful": "Yes."}\n{"prompt": "q", "safe": "No."}\n'}
