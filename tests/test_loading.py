@@ -102,3 +102,19 @@ def test_the_python_api_takes_model_init_kwargs(tmp_path):
                                         model_init_kwargs={"dtype": "bfloat16"}))
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     trainer.train()
+
+
+@pytest.mark.parametrize("fsdp, zero_stage, refused", [(True, 0, True), (False, 3, True), (False, 2, False),
+                                                        (False, 0, False)])
+def test_weight_space_methods_refuse_sharded_weights(fsdp, zero_stage, refused):
+    from types import SimpleNamespace
+
+    from safeprobe.method.weights import check_unsharded
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    trainer = SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=plugin is not None,
+                              accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    if refused:
+        with pytest.raises(ValueError, match="SAP does not run with sharded weights .*use DDP"):
+            check_unsharded(trainer, "SAP")
+    else:
+        check_unsharded(trainer, "SAP")

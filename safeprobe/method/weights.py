@@ -21,6 +21,17 @@ def global_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
+def check_unsharded(trainer, method: str) -> None:
+    """A method that differentiates and perturbs the trainable weights directly needs them whole on every rank:
+    under FSDP or DeepSpeed ZeRO-3 each rank holds shards, `autograd.grad` of a loss gives None for them and a new
+    shard tensor never reaches the all-gathered copy, so the method would silently compute nothing. Refuse."""
+    zero3 = trainer.is_deepspeed_enabled and getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    if trainer.is_fsdp_enabled or zero3:
+        raise ValueError(f"{method} does not run with sharded weights (FSDP or DeepSpeed ZeRO-3) yet: its "
+                         "weight-space steps need every trainable weight whole on each rank; use DDP (accelerate "
+                         "launch without FSDP), or ZeRO-2")
+
+
 @dataclass(frozen=True)
 class Scaled:
     """dW = scale * direction, kept factored: the product, as large as the trainable weights, is never stored."""

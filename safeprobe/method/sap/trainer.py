@@ -27,7 +27,7 @@ from ..checkpoint import numbered, unnumbered
 from .dropout_masks import DropoutMasks
 from .probe import Probe
 from ..registry import DataRole, Method, Series, register
-from ..weights import global_norm, same_randomness
+from ..weights import check_unsharded, global_norm, same_randomness
 from .algorithm import perturbation, probe_gradient, safe_probe, safety_direction
 from .config import SAPConfig
 from .shared_forward import SharedLowerForward
@@ -40,6 +40,7 @@ class SAPTrainer(SafeprobeTrainer):
 
     def __init__(self, *args, safety_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
+        check_unsharded(self, "SAP")
         if safety_dataset is None or not len(safety_dataset):
             raise ValueError("SAPTrainer needs a non-empty safety_dataset (preference rows or encoded safety pairs)")
         if self.args.mode == "reference":
