@@ -32,7 +32,7 @@ def _ids(out) -> list[int]:
 
 def _end_of_turn_id(tokenizer) -> int:
     """ChatML's <|im_end|> when the vocabulary has it, else EOS. A token lookup, not `get_vocab()`: that builds
-    the whole vocabulary as a dict (about 50 ms for SmolLM2, i.e. most of the encoding time of a dataset)."""
+    the whole vocabulary as a dict, which would dominate the encoding time of a dataset."""
     token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")  # an unknown token gives the unk id (or None)
     return tokenizer.eos_token_id if token_id is None or token_id == tokenizer.unk_token_id else token_id
 

@@ -19,13 +19,13 @@ safety_tuned_llamas/evaluation; never `pure-bad`, the fine-tuning attack data):
   affordable monthly budget?", "What is the best way to approach a difficult problem?", `data.prompt_kinds`), then
   other questions ending in "?". The refusal examples are all imperatives, the Alpaca-style benign prompts mostly
   so, and a small model left to guess for "How do I ...?" guessed "refuse" ("How do I best hang a picture?" ->
-  "I'm sorry, but I cannot..."). With 240 of them the plain aligned SmolLM2 refused 40% of XSTest's safe prompts
-  instead of 69% (and was less harmful too: 6% / 19% on AdvBench / JailbreakBench, from 14% / 26%).
+  "I'm sorry, but I cannot..."). They lower over-refusal on XSTest's safe prompts (docs/alignment.md has the
+  figures).
 - Booster only: the harmful loss h uses (prompt, harmful answer) pairs of PKU-SafeRLHF, training side only (20% of
   its prompts are held out for the `pku-heldout` suite; see evaluation/suites.py).
-Batches group examples of similar length, in random order (data/sampling.py; padding to the longest of 8 random
-examples wasted about a third of the compute), and with --use-peft the model trains LoRA adapters on every linear
-layer, merged into its weights before saving (about 20% faster a step than full fine-tuning on CPU).
+Batches group examples of similar length, in random order (data/sampling.py: padding to the longest of random
+examples wastes compute), and with --use-peft the model trains LoRA adapters on every linear
+layer, merged into its weights before saving (faster a step than full fine-tuning on a CPU).
 A self-answer that the refusal-keyword judge counts as a refusal is dropped (a benign prompt must never teach a
 refusal); an answer cut at `max_new_tokens` is learnt without its stop token (its text, not stopping mid-sentence).
 

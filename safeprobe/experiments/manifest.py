@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import platform
 import resource
@@ -22,8 +23,11 @@ def versions() -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the safeprobe checkout this code runs from (None for an installed wheel)."""
+    """The commit of the safeprobe checkout this code runs from (None for an installed wheel): read once, when the
+    process first asks (the manifest module imports), so a checkout that moves on during a long run does not
+    relabel the code that ran."""
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -49,3 +53,6 @@ def manifest(config, **extra) -> dict:
     else:
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     return {"config": cfg, "versions": versions(), "git_commit": git_commit(), **peak_memory_mb(), **extra}
+
+
+git_commit()  # now: the code this process loaded

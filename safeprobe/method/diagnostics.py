@@ -1,4 +1,4 @@
-"""The paper's training diagnostics (SAP.md section 1), measured on a fixed probe set every k optimiser steps:
+"""The paper's training diagnostics (see docs/sap.md), measured on a fixed probe set every k optimiser steps:
 
 - per decoder layer, cos(grad_W L_useful, grad_W L_harmful) over that layer's trainable tensors (LoRA or full),
   where L_harmful is the loss of harmful answers: positive = descending the task loss also makes harmful answers

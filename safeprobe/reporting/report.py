@@ -78,6 +78,16 @@ def build(out: Path, results: dict) -> list[Block]:
     return blocks + _runs_table(results)
 
 
+def results_markdown(results: dict) -> str:
+    """The results tables of every setting (figures, and each method against plain fine-tuning), as Markdown."""
+    blocks = []
+    for setting in results["main"]:
+        if len(results["main"]) > 1:
+            blocks.append(Block("h3", f"Setting {setting}"))
+        blocks += [_results_table(results, setting), *_against_reference(results, setting)]
+    return markdown(blocks)
+
+
 # -- sections --------------------------------------------------------------------------------------------------
 def _header(results: dict) -> list[Block]:
     cfg, evaluation = results["config"], results["eval"]

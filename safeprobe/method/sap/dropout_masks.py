@@ -1,9 +1,9 @@
 """One draw of the dropout masks for SAP's three passes over a task batch.
 
 The perturbed probe pass, the clean probe pass and step 5 run over the same batch from the same RNG state, so
-they draw the same dropout masks (SAP.md D4). On a CPU the draw is not free: LoRA dropout draws one random number
-per input element of every adapted module, about 8% of an SFT step on SmolLM2, and SAP drew the same masks nearly
-three times. Now the perturbed pass `recorded` keeps each `nn.Dropout`'s masks as it draws them (as torch's CPU
+they draw the same dropout masks (docs/sap.md). On a CPU the draw is not free: LoRA dropout draws one random number
+per input element of every adapted module, and SAP would draw the same masks nearly three times (docs/performance.md
+measures it). Now the perturbed pass `recorded` keeps each `nn.Dropout`'s masks as it draws them (as torch's CPU
 dropout does, bit for bit), and the clean pass and step 5 are `replayed`: each dropout takes its recorded mask
 instead of drawing, and the RNG ends where drawing would have left it. Same numbers, bit for bit (tested).
 

@@ -23,7 +23,7 @@ def contrastive_safety_loss(model, pair_batch: dict, kind: str = "paper", logpro
     """L_safety: lower = the model prefers the safe answer. `pair_batch` holds n safe rows then n harmful rows;
     `logprobs(model, pair_batch)` scores them (token_logprobs, or the shared-prompt pass of SAP step 1).
 
-    paper: L(D_safe) - L(D_harmful), each a mean token loss (SAP.md section 2).
+    paper: L(D_safe) - L(D_harmful), each a mean token loss (docs/sap.md).
     dpo:   the authors' code, -log sigmoid(sum log p(safe) - sum log p(harmful)), mean over pairs
            (no length normalisation; saturates, kept as an option).
     With `counts` (`safety_counts` of every chunk of a larger batch) the means are over that whole batch: this

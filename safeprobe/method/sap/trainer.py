@@ -149,7 +149,7 @@ class SAPTrainer(SafeprobeTrainer):
         return self._V
 
     def _reference_probe(self, model, inputs) -> list:
-        """The authors' schedule: this step uses the probe computed at the previous step (SAP.md s.4)."""
+        """The authors' schedule: this step uses the probe computed at the previous step (docs/sap.md, reference mode)."""
         if self._ref is None:
             self._ref = [torch.nn.Parameter(v) for v in self.probe.zeros(inputs["input_ids"])]
             self._ref_opt = torch.optim.AdamW(self._ref, lr=self.args.probe_lr)
