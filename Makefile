@@ -10,7 +10,7 @@ export SAFEPROBE_DATA
 # wheel where the default index serves a CUDA build under the pinned version (plain PyPI on Linux).
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-browser docs results report-screenshot clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,5 +32,23 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest
 
+# The report's figures rendered in headless Chromium, offline (needs chromium: Debian's package of that name).
+test-browser: setup
+	$(VENV)/bin/python -m pytest -m browser
+
+# The documentation site (MkDocs; strict: a broken link, a missing page or any warning fails) into site/.
+docs: setup
+	$(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The results pages and README's table, regenerated from the stored results records in docs/experiments/data/.
+results: setup
+	$(PY) -m safeprobe.reporting.pages .
+
+# docs/images/report.png from a real report: make report-screenshot REPORT=runs/demo/report.html
+report-screenshot:
+	chromium --headless --no-sandbox --disable-gpu --host-resolver-rules="MAP * ~NOTFOUND" --hide-scrollbars \
+		--window-size=1280,2400 --screenshot=docs/images/report.png file://$(abspath $(REPORT))
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache site
