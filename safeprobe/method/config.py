@@ -20,10 +20,11 @@ class SafeprobeConfig(SFTConfig):
 
     - `bf16`: None means bf16 where the GPU supports it, else fp32 (TRL's None means bf16 everywhere, which fails
       on a machine without a GPU, and on a CPU bf16 autocast also changes the numerics of every method).
-    - `gradient_checkpointing`: off (TRL: on). Recomputing activations costs about a third of a step, and SAP's two
-      fast paths (the lower layers shared between its clean probe pass and its step 5, and the dropout masks
-      replayed across its passes) reuse activations that checkpointing would recompute, so they switch off under
-      it (the run manifest records which fast paths were on). Turn it on for models whose activations do not fit.
+    - `gradient_checkpointing`: off (TRL: on), chosen by measurement (docs/performance.md). It lowers the peak
+      memory and costs time, and SAP pays more than SFT: two of its fast paths (the lower layers shared between its
+      clean probe pass and its step 5, and the dropout masks replayed across its passes) reuse activations that
+      checkpointing would recompute, so they switch off under it (the run manifest records which fast paths were
+      on), and each of SAP's passes recomputes its forward. Turn it on for models whose activations do not fit.
     """
 
     bf16: bool | None = _help("bf16 mixed precision (None: where the GPU supports it, else fp32)")

@@ -48,16 +48,16 @@ def benchmark_markdown(runs: list[dict]) -> str:
     first = runs[0]
     lines = [f"{first['model']}, {first['device']}, {first['dtype']}, sequence {first['seq_len']}, batch "
              f"{first['batch']}, {first['safety_pairs']} safety pairs, LoRA r {first['lora_r']}, probe layers "
-             f"{first['probe_layers']}, {first['steps']} timed steps, {first['clock']} clock; medians of "
-             f"{len(runs)} runs (min - max of the time ratio).", "",
+             f"{first['probe_layers']}, {first['steps']} timed steps, {first['clock']} clock; "
+             + (f"medians of {len(runs)} runs (min - max of the time ratio)." if len(runs) > 1 else "one run."), "",
              "| mode | step (s) | x SFT time | x SFT FLOP | x SFT peak memory |", "|---|---|---|---|---|"]
     for mode in modes:
         if mode == "sft":
             row = [f"{_median(runs, 'sft_step_s'):.3f}", "1.00", "1.00", "1.00"]
         else:
             times = [r[f"ratio_{mode}_sft"] for r in runs]
-            row = [f"{_median(runs, f'{mode}_step_s'):.3f}",
-                   f"{statistics.median(times):.2f} ({min(times):.2f} - {max(times):.2f})",
+            spread = f" ({min(times):.2f} - {max(times):.2f})" if len(runs) > 1 else ""
+            row = [f"{_median(runs, f'{mode}_step_s'):.3f}", f"{statistics.median(times):.2f}{spread}",
                    f"{_median(runs, f'flop_ratio_{mode}'):.2f}", f"{_median(runs, f'peak_mem_ratio_{mode}'):.2f}"]
         lines.append(f"| {mode} | " + " | ".join(row) + " |")
     lines += ["", f"SFT: {_median(runs, 'sft_gflop'):.1f} GFLOP and {_median(runs, 'sft_peak_mb'):.0f} MB peak "
