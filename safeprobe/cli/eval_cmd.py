@@ -23,7 +23,8 @@ class EvalConfig:
     suite: str = field(default="jbb-harmful,jbb-benign",
                        metadata={"help": "comma-separated suite names or a JSONL/CSV file of prompts"})
     judge: str = field(default="keyword", metadata={"help": "comma-separated judges: keyword, moderation, "
-                                                            "hf-classifier:PATH"})
+                                                            "hf-classifier:PATH, harmbench-cls:PATH, "
+                                                            "llama-guard:PATH, qwen3guard:PATH, strongreject:PATH"})
     limit: int | None = field(default=None, metadata={"help": "at most this many prompts per suite"})
     max_new_tokens: int = field(default=128, metadata={"help": "answer length cap"})
     batch_size: int = field(default=32, metadata={"help": "generation batch size"})
@@ -72,8 +73,9 @@ def run_judge_train(cfg: JudgeTrainConfig, console: Console) -> None:
 
 @dataclass
 class JudgeValidateConfig:
-    judge: str = field(default="keyword", metadata={"help": "judge name: keyword, moderation or "
-                                                            "hf-classifier:PATH"})
+    judge: str = field(default="keyword", metadata={"help": "judge name: keyword, moderation, hf-classifier:PATH "
+                                                            "or a preset (harmbench-cls:PATH, llama-guard:PATH, "
+                                                            "qwen3guard:PATH, strongreject:PATH)"})
     output_dir: str | None = field(default=None, metadata={"help": "also write the per-response verdicts here"})
 
 
