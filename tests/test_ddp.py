@@ -1,4 +1,5 @@
 """DDP (2 CPU processes, gloo) reaches the same SAP adapter as 1 process with the same global batch."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     print(f"|DDP - single| / |single| = {diff:.2e}")
     assert diff < TOLERANCE, diff
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # the adapter did train
+
+
+def test_a_model_first_built_under_a_two_process_launch_is_complete_on_every_rank(tmp_path):
+    env = {**os.environ, "SAFEPROBE_HOME": str(tmp_path / "home")}  # nothing cached yet
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(SCRIPT.with_name("ddp_cache.py"))], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = [line.split() for line in out.stdout.splitlines() if line.startswith("LOADED")]
+    assert sorted(rank for _, rank, _ in loaded) == ["0", "1"] and len({n for _, _, n in loaded}) == 1

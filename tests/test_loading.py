@@ -104,17 +104,20 @@ def test_the_python_api_takes_model_init_kwargs(tmp_path):
     trainer.train()
 
 
-@pytest.mark.parametrize("fsdp, zero_stage, refused", [(True, 0, True), (False, 3, True), (False, 2, False),
-                                                        (False, 0, False)])
-def test_weight_space_methods_refuse_sharded_weights(fsdp, zero_stage, refused):
+@pytest.mark.parametrize("fsdp_version, zero_stage, fsdp2_supported, refused", [
+    (1, 0, True, "FSDP1"), (0, 3, True, "DeepSpeed"), (0, 2, True, "DeepSpeed"), (2, 0, False, "FSDP2"),
+    (2, 0, True, None), (0, 0, True, None)])
+def test_weight_space_methods_refuse_sharding_they_cannot_run_on(fsdp_version, zero_stage, fsdp2_supported, refused):
     from types import SimpleNamespace
 
-    from safeprobe.method.weights import check_unsharded
-    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
-    trainer = SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=plugin is not None,
-                              accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    from safeprobe.method.weights import check_shardable
+    deepspeed = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    fsdp = SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None
+    trainer = SimpleNamespace(is_fsdp_enabled=fsdp is not None, is_deepspeed_enabled=deepspeed is not None,
+                              accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=deepspeed,
+                                                                                fsdp_plugin=fsdp)))
     if refused:
-        with pytest.raises(ValueError, match="SAP does not run with sharded weights .*use DDP"):
-            check_unsharded(trainer, "SAP")
+        with pytest.raises(ValueError, match=f"SAP does not run under {refused}: .*DDP"):
+            check_shardable(trainer, "SAP", fsdp2=fsdp2_supported)
     else:
-        check_unsharded(trainer, "SAP")
+        check_shardable(trainer, "SAP", fsdp2=fsdp2_supported)

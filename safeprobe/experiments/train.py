@@ -135,10 +135,18 @@ def _logged_mean_loss(out: Path) -> float | None:
     return sum(losses) / len(losses) if losses else None
 
 
-def save_model(model, out: Path) -> None:
+def save_trained(trainer, out: Path) -> None:
+    """The trained adapter (or full weights) into `out`: every rank calls this (under FSDP the weights are
+    gathered from their shards), the main process writes."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if trainer.accelerator.is_main_process:
+        save_model(trainer.accelerator.unwrap_model(trainer.model), out, state_dict)
+
+
+def save_model(model, out: Path, state_dict: dict | None = None) -> None:
     """Write the adapter (or full weights) into `out` atomically: save to a temp dir, then rename each file."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         for name in os.listdir(tmp):
             target = out / name
             if (Path(tmp) / name).is_dir():
@@ -186,7 +194,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     if cfg.diagnostics_every:
         attach_diagnostics(trainer, cfg.dataset_name, cfg.safety_data, cfg.diagnostics_every, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_model(trainer.model, out)
+    save_trained(trainer, out)
     if cfg.use_peft:
         write_record(out, base)
     # a resumed run's figures cover its whole trajectory: the time and the logged steps before the checkpoint too
@@ -196,6 +204,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
                     global_steps=result.global_step, resumed_from=str(checkpoint) if checkpoint else None,
                     base_model={k: v for k, v in base.items() if k != "weights_signature"},
                     training_arguments=trainer.args.to_dict(), fast_paths=trainer.fast_paths(),
+                    distributed=trainer.distribution(),
                     wall_time_s=round(time.time() - start + trainer.wall_time_before_s, 2))
     write_json(out / "run.json", info)
     return info

@@ -24,14 +24,19 @@ from . import checkpoint
 from .config import SafeprobeConfig
 from .losses import response_loss
 from .registry import ALIGN, Method, register
+from .weights import everywhere, local
 
 log = logging.getLogger(__name__)
 
 
 def all_finite(tensors) -> bool:
-    """True if no tensor holds a NaN or an infinity (one device sync for the whole list)."""
-    tensors = [torch.as_tensor(t) for t in tensors]
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """True if no tensor holds a NaN or an infinity (one device sync for the whole list; FSDP shards: on every
+    rank, so that all ranks take the same decision)."""
+    tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
+    if not tensors:
+        return True
+    finite = torch.stack([torch.isfinite(local(t)).all() for t in tensors]).all()
+    return bool(everywhere(finite, tensors))
 
 
 class SafeprobeTrainer(SFTTrainer):
@@ -81,6 +86,9 @@ class SafeprobeTrainer(SFTTrainer):
         self.wall_time_before_s = 0.0  # a resumed run: the training time before its checkpoint
         self._started = time.time()
         self.add_callback(_FlushStepStats(self))
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            log.warning("fsdp is set but accelerate runs FSDP on GPUs (and other accelerators) only: this run is %s",
+                        self.distribution()["sharding"])
 
     @classmethod
     def method_config(cls, args, model=None) -> SafeprobeConfig:
@@ -178,6 +186,35 @@ class SafeprobeTrainer(SFTTrainer):
         flag = torch.tensor(float(bad), device=self.args.device)
         return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
+    @property
+    def trainable_params(self) -> list:
+        """The trainable weights as the model holds them now: under FSDP, after the Trainer prepared the model,
+        its shards (new parameter objects)."""
+        first = next(self.model.parameters())
+        if getattr(self, "_trainable_of", None) is not first:
+            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self._trainable_of = first
+        return self._trainable
+
+    def gradient_sync_every_micro_batch(self, model) -> None:
+        """Under FSDP2, reduce-scatter this micro-batch's gradients into the shards even inside the Trainer's
+        accumulation `no_sync`: a method that takes an extra gradient from a backward (see `weights.gradient`) then
+        finds only its own gradient in the shards' `.grad`, never unreduced ones held back for later."""
+        if self.is_fsdp_enabled and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+
+    def distribution(self) -> dict:
+        """How the run was spread (recorded in run.json): processes and "single", "DDP", "FSDP1"/"FSDP2" or
+        "DeepSpeed ZeRO-<stage>"."""
+        state = self.accelerator.state
+        if self.is_fsdp_enabled:
+            kind = f"FSDP{getattr(state.fsdp_plugin, 'fsdp_version', 1)}"
+        elif self.is_deepspeed_enabled:
+            kind = f"DeepSpeed ZeRO-{getattr(state.deepspeed_plugin, 'zero_stage', '?')}"
+        else:
+            kind = "DDP" if self.accelerator.num_processes > 1 else "single"
+        return {"processes": self.accelerator.num_processes, "sharding": kind}
+
     # -- checkpoints -----------------------------------------------------------------------------------
     def fast_paths(self) -> dict:
         """The method's optional fast paths, each "on" or why it was off (recorded in run.json); none here."""
@@ -196,8 +233,9 @@ class SafeprobeTrainer(SFTTrainer):
         if self.args.should_save:
             checkpoint.mark_incomplete(folder)
         super()._save_checkpoint(model, trial)
+        state = self.method_state()  # on every rank: FSDP shards are gathered whole
         if self.args.should_save:
-            checkpoint.write_state(folder, self.method_state())
+            checkpoint.write_state(folder, state)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` means the last complete checkpoint of output_dir."""
@@ -254,16 +292,22 @@ class EndlessBatches:
     """Seeded endless batches of an auxiliary dataset (safety pairs, alignment examples).
 
     Its own RNG leaves the task data order untouched; `drawn` counts the batches taken so that a resumed run,
-    built with `skip=drawn`, continues with exactly the batches an unbroken run would have drawn.
+    built with `skip=drawn`, continues with exactly the batches an unbroken run would have drawn. With
+    `part=(rank, ranks)` every rank draws the same batch of `batch_size * ranks` rows and keeps every ranks-th row
+    from its rank on: together the ranks see the batch one process would with the same global batch.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, collate, skip: int = 0):
+    def __init__(self, dataset, batch_size: int, seed: int, collate, skip: int = 0, part: tuple[int, int] = (0, 1)):
         from torch.utils.data import DataLoader
         generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=list)
+        rank, ranks = part
+        loader = DataLoader(dataset, batch_size=batch_size * ranks, shuffle=True, generator=generator,
+                            collate_fn=list)
         self._rows = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), skip, None)
-        self._collate, self.drawn = collate, skip
+        self._collate, self.drawn, self._part = collate, skip, part
 
     def __next__(self) -> dict:
         self.drawn += 1
-        return self._collate(next(self._rows))
+        rows = next(self._rows)
+        rank, ranks = self._part
+        return self._collate(rows[rank::ranks] or rows)  # a batch shorter than the ranks: each takes it whole

@@ -28,7 +28,7 @@ from .base import EndlessBatches, SafeprobeTrainer, all_finite
 from .config import SafeprobeConfig, _help, check_minimum
 from .registry import ALIGN, DataRole, Method, register
 from .losses import response_loss
-from .weights import Scaled, at_least_fp32, check_unsharded, global_norm, perturbed, same_randomness
+from .weights import Scaled, at_least_fp32, check_shardable, global_norm, perturbed, same_randomness
 
 
 def loss_gradient(model, params: list, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -77,7 +77,7 @@ class BoosterTrainer(SafeprobeTrainer):
 
     def __init__(self, *args, harmful_dataset=None, harmful_batch_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        check_unsharded(self, "Booster")
+        check_shardable(self, "Booster", fsdp2=False)
         if not harmful_dataset:
             raise ValueError("BoosterTrainer needs a harmful_dataset (encoded prompt -> harmful answer examples)")
         self.lamb, self.alpha = self.args.booster_lambda, self.args.booster_alpha

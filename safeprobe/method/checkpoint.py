@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+from .weights import whole
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -68,8 +70,9 @@ def read_state(folder: str | Path) -> dict:
 
 
 def numbered(name: str, tensors: list | None) -> dict:
-    """[t0, t1] -> {'name.0': t0, 'name.1': t1} (nothing for None): lists of tensors in a flat state."""
-    return {f"{name}.{i}": t for i, t in enumerate(tensors or [])}
+    """[t0, t1] -> {'name.0': t0, 'name.1': t1} (nothing for None): lists of tensors in a flat state. FSDP shards
+    are gathered whole (every rank calls this), so a checkpoint does not depend on the number of ranks."""
+    return {f"{name}.{i}": whole(t) for i, t in enumerate(tensors or [])}
 
 
 def unnumbered(state: dict, name: str, device) -> list | None:

@@ -27,7 +27,7 @@ from .config import SafeprobeConfig, _help, check_choice, check_minimum
 from .registry import ALIGN, Method, register
 from .losses import response_loss
 from .sap.probe import Probe  # the same hidden-state hooks: Vaccine perturbs what SAP probes
-from .weights import check_unsharded, frozen, global_norm, same_randomness
+from .weights import check_shardable, frozen, global_norm, same_randomness
 
 NORMS = ("layer", "global")
 
@@ -96,7 +96,7 @@ class VaccineTrainer(SafeprobeTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_unsharded(self, "Vaccine")
+        check_shardable(self, "Vaccine", fsdp2=False)
         self.rho, self.norm = self.args.rho, self.args.vaccine_norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):

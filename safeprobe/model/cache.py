@@ -4,9 +4,13 @@ A directory is built in a temporary sibling and renamed into place only when com
 concurrent build never leaves a half-written checkpoint behind. A stamp file records what built it;
 a directory whose stamp does not match the current one (format bumped, or written by another
 transformers major version) is rebuilt.
+
+Under a distributed launch each machine's first process builds while the others wait: transformers'
+`save_pretrained` writes nothing on ranks other than 0, so a directory built by another rank would hold no weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
 import transformers
 
 from ..io import write_json
@@ -47,18 +52,47 @@ def cached_model_dir(name: str, build: Callable[[Path], None], fmt: int) -> Path
     """`home_dir()/models/<name>`, first calling `build(tmp_dir)` to fill it if it is missing or stale."""
     target = models_dir() / name
     stamp = _stamp(name, fmt)
-    if _is_current(target, stamp):
-        return target
+    with _local_main_process_first():
+        if not _is_current(target, stamp):
+            _build_and_install(target, stamp, build)
+    return target
+
+
+_ordering = False  # inside the outermost ordered block: a nested build (a tiny model needs the embedded
+# tokenizer) must not add barriers that the other processes, waiting at the outer one, would match
+
+
+@contextlib.contextmanager
+def _local_main_process_first():
+    """Under torch.distributed, the block runs on each machine's first process before the others enter it."""
+    global _ordering
+    if _ordering or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield
+        return
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    _ordering = True
+    try:
+        if not local_main:
+            torch.distributed.barrier()  # until the first process has built
+        yield
+    finally:
+        _ordering = False
+        if local_main:
+            torch.distributed.barrier()
+
+
+def _build_and_install(target: Path, stamp: dict, build: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(tmp)
+        if not (tmp / "config.json").is_file():
+            raise RuntimeError(f"building {target.name} wrote no config.json (saved on another rank?)")
         tmp.chmod(0o755)  # mkdtemp makes it private; the installed cache should read like any other directory
         write_json(tmp / STAMP_FILE, {**stamp, "transformers_version": transformers.__version__})
         _install(tmp, target, stamp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _install(tmp: Path, target: Path, stamp: dict) -> None:

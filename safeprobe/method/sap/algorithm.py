@@ -17,7 +17,7 @@ import contextlib
 import torch
 
 from ..losses import response_loss, token_logprobs
-from ..weights import Scaled, at_least_fp32, frozen, global_norm, perturbed, same_randomness
+from ..weights import Scaled, frozen, global_norm, gradient, perturbed, same_randomness
 from .dropout_masks import DropoutMasks
 from .safety_loss import contrastive_safety_loss, safety_counts
 from .shared_forward import SharedLowerForward
@@ -26,7 +26,8 @@ from .shared_prompt import SharedPromptPass
 
 def safety_direction(model, params: list, pair_batch: dict | list, loss_kind: str = "paper",
                      shared: SharedPromptPass | None = None):
-    """Step 1: s = grad_W L_safety(W) over the trainable tensors (no .grad is touched). Returns (s, L_safety).
+    """Step 1: s = grad_W L_safety(W) over the trainable tensors (the gradients being accumulated in .grad are left as
+    they are). Returns (s, L_safety).
 
     `pair_batch` may be a list of chunks of one safety batch: s is then the gradient of the whole batch's loss,
     one chunk's graph at a time (the memory of one chunk). With `shared`, each pair's prompt runs once for both
@@ -36,8 +37,7 @@ def safety_direction(model, params: list, pair_batch: dict | list, loss_kind: st
     s, total = None, 0.0
     for chunk in chunks:
         loss = contrastive_safety_loss(model, chunk, loss_kind, logprobs, counts)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [at_least_fp32(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
+        grads = gradient(loss, params)
         s = grads if s is None else torch._foreach_add(s, grads)
         total = total + loss.detach()
     return s, total

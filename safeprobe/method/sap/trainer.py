@@ -3,7 +3,7 @@
 Drop-in for a TRL user: `SFTTrainer`'s arguments, `args` an `SAPConfig` (an `SFTConfig` with SAP's knobs), plus
 `safety_dataset`: safety pairs as a preference dataset (`prompt`, `chosen` = the safe answer, `rejected` = the
 harmful one; standard or conversational) or as encoded pairs. Works with PEFT LoRA or full fine-tuning, gradient
-accumulation, fp32/bf16 and accelerate DDP.
+accumulation, fp32/bf16, accelerate DDP and FSDP2.
 
 Distributed training: every rank draws the same safety batch from an identically seeded sampler, so the
 safety direction s is identical on every rank by construction (it is also averaged across ranks, which removes
@@ -11,12 +11,19 @@ any floating-point drift). g_V is averaged across ranks so that every rank appli
 process would with the global batch. The auxiliary passes run under `accelerator.no_sync(model)`, so DDP's
 gradient hooks only ever synchronise the final (step 5) backward.
 
+FSDP2: the trainable weights are shards; step 1's s comes from a backward into the shards (reduce-scattered, so
+averaged over ranks like the rest), dW is added to the local shards in place and copied back, and the norms are
+reduced over the ranks (see `weights`). Every micro-batch then synchronises its gradients, so that step 1's
+backward never meets gradients held back by the Trainer's accumulation. The shared lower forward is off (FSDP
+frees and re-gathers the layers' weights around each pass); the other fast paths stay on.
+
 Checkpoints carry SAP's state (cached s and V_safe with their steps, the reference-mode probe and its AdamW
 moments, how many safety batches were drawn), so a resumed run continues exactly where it stopped. A non-finite
 s or g_V skips the step (see `SafeprobeTrainer`) and is never cached.
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
@@ -27,7 +34,7 @@ from ..checkpoint import numbered, unnumbered
 from .dropout_masks import DropoutMasks
 from .probe import Probe
 from ..registry import DataRole, Method, Series, register
-from ..weights import check_unsharded, global_norm, same_randomness
+from ..weights import check_shardable, global_dot, global_norm, is_sharded, like, same_randomness
 from .algorithm import perturbation, probe_gradient, safe_probe, safety_direction
 from .config import SAPConfig
 from .shared_forward import SharedLowerForward
@@ -40,16 +47,16 @@ class SAPTrainer(SafeprobeTrainer):
 
     def __init__(self, *args, safety_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
-        check_unsharded(self, "SAP")
+        check_shardable(self, "SAP")
         if safety_dataset is None or not len(safety_dataset):
             raise ValueError("SAPTrainer needs a non-empty safety_dataset (preference rows or encoded safety pairs)")
         if self.args.mode == "reference":
             self.method_name = "sap-reference"
         self.probe = Probe(self.model, self.args.probe_layers)
         # the clean probe pass and step 5 share the layers below the lowest probed one (not under gradient
-        # checkpointing, which would recompute them from inside the shared graph)
+        # checkpointing, which would recompute them from inside the shared graph, nor under FSDP)
         self._shared = SharedLowerForward(self.model, self.probe.layers[0],
-                                          enabled=not self.args.gradient_checkpointing)
+                                          enabled=not (self.args.gradient_checkpointing or self.is_fsdp_enabled))
         # the perturbed probe pass draws the dropout masks, the clean pass and step 5 reuse them (same reason)
         self._masks = DropoutMasks(self.model, enabled=not self.args.gradient_checkpointing)
         # step 1 runs each safety pair's prompt once for both answers, the pairs packed into few rows (checked
@@ -60,7 +67,6 @@ class SAPTrainer(SafeprobeTrainer):
         # a larger safety batch runs in chunks of at most one task batch of pairs: the memory of a task step
         self._safety_chunk = max(1, self.args.per_device_train_batch_size)
         self._safety_batches = self._safety_stream()
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._s, self._s_step = None, None
         self._V, self._V_step = None, None
         self._ref = None  # reference mode: the probe as a parameter with its own AdamW
@@ -68,13 +74,15 @@ class SAPTrainer(SafeprobeTrainer):
 
     def fast_paths(self) -> dict:
         """Each of SAP's fast paths, "on" or why it was off (recorded in run.json)."""
-        checkpointing = "off: gradient checkpointing (it recomputes layers from inside the shared graph)"
-        off = checkpointing if self.args.gradient_checkpointing else None
+        checkpointing = "off: gradient checkpointing (it recomputes layers from inside the shared graph)" \
+            if self.args.gradient_checkpointing else None
+        sharded = "off: FSDP (it frees the weights between passes)" if self.is_fsdp_enabled else None
         packed = {True: "on", None: "not reached", False: "off: the model ignores the block attention mask (the "
                   "packed loss differed from the padded one)"}
-        return {"shared_lower_forward": "on" if self._shared.supported else off or "off: layer 0 is probed, or the "
-                "model passes its layers inputs that differ between passes",
-                "dropout_mask_replay": "on" if self._masks.modules else off or "off: the model has no dropout",
+        return {"shared_lower_forward": "on" if self._shared.supported else checkpointing or sharded or "off: layer 0 "
+                "is probed, or the model passes its layers inputs that differ between passes",
+                "dropout_mask_replay": "on" if self._masks.modules else checkpointing or "off: the model has no "
+                "dropout",
                 "packed_safety_pass": packed[self._shared_prompt.verified]}
 
     # -- data --------------------------------------------------------------------------------------
@@ -90,15 +98,20 @@ class SAPTrainer(SafeprobeTrainer):
     def _seed(self, tag: int) -> int:
         return hash((self.args.seed, self.state.global_step, tag, self.accelerator.process_index)) % 2**31
 
+    @property
+    def _params(self) -> list:
+        return self.trainable_params
+
     def _mean_across_ranks(self, tensors: list) -> list:
-        if self.accelerator.num_processes == 1:
+        if self.accelerator.num_processes == 1 or is_sharded(tensors):  # FSDP's reduce-scatter averaged them
             return tensors
         return [self.accelerator.reduce(t, reduction="mean") for t in tensors]
 
     # -- Algorithm 1 -------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         inputs = self._prepare_inputs(inputs)
-        with self.accelerator.no_sync(model):
+        self.gradient_sync_every_micro_batch(model)
+        with self.accelerator.no_sync(model) if not self.is_fsdp_enabled else contextlib.nullcontext():
             V_safe = self._reference_probe(model, inputs) if self.args.mode == "reference" \
                 else self._paper_probe(model, inputs)
         # step 5: the ordinary step, probed
@@ -123,6 +136,7 @@ class SAPTrainer(SafeprobeTrainer):
                 self.flag_bad_step("safety direction")
                 return None
             self._s, self._s_step = s, step
+        self._s = like(self._s, self._params)  # a resumed run under FSDP: this rank's shards of the saved s
         delta, eps = perturbation(self._params, self._s, self.args.eps, self.args.eps_mode)
         self.record(eps=eps)
         return delta
@@ -209,7 +223,7 @@ class SAPTrainer(SafeprobeTrainer):
         grads = [p.grad for p in self._params]
         if any(g is None for g in grads):
             return
-        dot = sum((g.float() * s).sum() for g, s in zip(grads, self._s))
+        dot = global_dot(grads, self._s)
         denom = global_norm(grads) * global_norm(self._s)
         self.record(cos_task_safety=float(dot / denom) if denom > 0 else 0.0)
 
