@@ -44,7 +44,7 @@ def test_lisa_schedule_and_proximal_gradient(tmp_path):
     trainer = train_module.build_trainer(cfg, model, tokenizer, [{"input_ids": [1, 2], "labels": [-100, 2]}],
                                          tmp_path / "run")
     assert [trainer.state_at(k) for k in range(7)] == ["align", "task", "task"] * 2 + ["align"]
-    params = trainer._params
+    params = trainer.trainable_params
     trainer._anchor = [p.detach() - torch.arange(p.numel()).reshape(p.shape) for p in params]
     for p in params:
         p.grad = torch.ones_like(p)

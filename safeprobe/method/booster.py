@@ -84,7 +84,6 @@ class BoosterTrainer(SafeprobeTrainer):
         self._harmful_dataset = harmful_dataset
         self._harmful_batch_size = harmful_batch_size or self.args.per_device_train_batch_size
         self._harmful = self._harmful_stream()
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._correction = None  # set for the duration of one training step
 
     def _harmful_stream(self, skip: int = 0) -> EndlessBatches:
@@ -95,7 +94,7 @@ class BoosterTrainer(SafeprobeTrainer):
         if self.lamb > 0:
             batch = self._prepare_inputs(next(self._harmful))
             with self.accelerator.no_sync(model):
-                correction, stats = booster_correction(model, self._params, batch, self.alpha)
+                correction, stats = booster_correction(model, self.trainable_params, batch, self.alpha)
             self.record(**stats)
             if all_finite([stats["harmful_loss"], stats["harmful_loss_after_step"], *correction]):
                 self._correction = correction
@@ -109,7 +108,7 @@ class BoosterTrainer(SafeprobeTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if self._correction is not None:
-            loss = loss + self.lamb * zero_valued_term(self._params, self._correction)
+            loss = loss + self.lamb * zero_valued_term(self.trainable_params, self._correction)
         return (loss, None) if return_outputs else loss
 
     def method_state(self) -> dict:

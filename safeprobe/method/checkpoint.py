@@ -10,14 +10,13 @@ import json
 import re
 from pathlib import Path
 
-from .weights import whole
-
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import UserError
+from .weights import whole
 from ..io import atomic_path, write_json
 
 STATE_TENSORS = "safeprobe_state.safetensors"

@@ -63,15 +63,11 @@ class LisaTrainer(SafeprobeTrainer):
     def state_at(self, step: int) -> str:
         return "align" if step % (self.align_steps + self.task_steps) < self.align_steps else "task"
 
-    @property
-    def _params(self) -> list:
-        return self.trainable_params
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         state = self.state_at(self.state.global_step)
         if self._anchor is None or (state != self._state and self.state.global_step > 0):
-            self._anchor = [p.detach().clone() for p in self._params]  # W_0, or the other state just ended
-        self._anchor = like(self._anchor, self._params)  # resumed under FSDP: this rank's shards
+            self._anchor = [p.detach().clone() for p in self.trainable_params]  # W_0, or the other state just ended
+        self._anchor = like(self._anchor, self.trainable_params)  # resumed under FSDP: this rank's shards
         self._state = state
         if state == "align":  # this step's task batch is set aside; the alignment batch takes its place
             inputs = self._prepare_inputs(next(self._alignment))
@@ -83,8 +79,8 @@ class LisaTrainer(SafeprobeTrainer):
         if self.rho == 0:
             return
         with torch.no_grad():
-            diffs = [p - anchor for p, anchor in zip(self._params, self._anchor)]
-            for p, diff in zip(self._params, diffs):
+            diffs = [p - anchor for p, anchor in zip(self.trainable_params, self._anchor)]
+            for p, diff in zip(self.trainable_params, diffs):
                 p.grad = self.rho * diff if p.grad is None else p.grad.add_(diff, alpha=self.rho)
         self.record(proximal=0.5 * self.rho * float(global_norm(diffs)) ** 2)
 
@@ -96,7 +92,7 @@ class LisaTrainer(SafeprobeTrainer):
         super().load_method_state(state)
         self._state = state["lisa_state"]
         self._alignment = self._alignment_stream(skip=state["alignment_batches_drawn"])
-        self._anchor = unnumbered(state, "anchor", self._params[0].device)  # whole; sharded at the next step
+        self._anchor = unnumbered(state, "anchor", self.trainable_params[0].device)  # whole; sharded at the next step
 
 
 register(Method("lisa", LisaTrainer, summary="bi-state optimisation with a proximal term (Huang et al. 2024)",

@@ -98,10 +98,6 @@ class SAPTrainer(SafeprobeTrainer):
     def _seed(self, tag: int) -> int:
         return hash((self.args.seed, self.state.global_step, tag, self.accelerator.process_index)) % 2**31
 
-    @property
-    def _params(self) -> list:
-        return self.trainable_params
-
     def _mean_across_ranks(self, tensors: list) -> list:
         if self.accelerator.num_processes == 1 or is_sharded(tensors):  # FSDP's reduce-scatter averaged them
             return tensors
@@ -128,7 +124,7 @@ class SAPTrainer(SafeprobeTrainer):
         if force or self._s is None or step - self._s_step >= self.args.safety_every:
             batch = self._next_safety_batch()
             with same_randomness(self._seed(1), batch[0]["input_ids"].device):
-                s, safety_loss = safety_direction(model, self._params, batch, self.args.safety_loss,
+                s, safety_loss = safety_direction(model, self.trainable_params, batch, self.args.safety_loss,
                                                   self._shared_prompt)
             s = self._mean_across_ranks(s)
             self.record(safety_loss=safety_loss, s_norm=global_norm(s))
@@ -136,8 +132,8 @@ class SAPTrainer(SafeprobeTrainer):
                 self.flag_bad_step("safety direction")
                 return None
             self._s, self._s_step = s, step
-        self._s = like(self._s, self._params)  # a resumed run under FSDP: this rank's shards of the saved s
-        delta, eps = perturbation(self._params, self._s, self.args.eps, self.args.eps_mode)
+        self._s = like(self._s, self.trainable_params)  # a resumed run under FSDP: this rank's shards of the saved s
+        delta, eps = perturbation(self.trainable_params, self._s, self.args.eps, self.args.eps_mode)
         self.record(eps=eps)
         return delta
 
@@ -149,7 +145,7 @@ class SAPTrainer(SafeprobeTrainer):
         if delta is None:
             return None  # the step is skipped anyway
         with self.probe.active(None):
-            g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs,
+            g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self.trainable_params, delta, inputs,
                                                        shared=self._shared, masks=self._masks)
         g_V = self._mean_across_ranks(g_V)
         if not all_finite(g_V):
@@ -172,7 +168,7 @@ class SAPTrainer(SafeprobeTrainer):
             delta = self._harmful_perturbation(model, force=self._s is None)
         if delta is None:
             return V_prev  # the step is skipped; the probe and its moments stay as they are
-        g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self._params, delta, inputs, at=V_prev,
+        g_V, loss, loss_perturbed = probe_gradient(model, self.probe, self.trainable_params, delta, inputs, at=V_prev,
                                                    shared=self._shared, masks=self._masks)
         g_V = self._mean_across_ranks(g_V)
         if not all_finite(g_V):
@@ -200,7 +196,7 @@ class SAPTrainer(SafeprobeTrainer):
 
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
-        device = self._params[0].device
+        device = self.trainable_params[0].device
         self._safety_batches = self._safety_stream(skip=state["safety_batches_drawn"])  # as an unbroken run
         self._s, self._s_step = unnumbered(state, "s", device), state["s_step"]
         self._V, self._V_step = unnumbered(state, "V", device), state["V_step"]
@@ -220,7 +216,7 @@ class SAPTrainer(SafeprobeTrainer):
         """cos(task gradient under the probe, safety direction s): positive = SFT drifts toward harm."""
         if self._s is None:
             return
-        grads = [p.grad for p in self._params]
+        grads = [p.grad for p in self.trainable_params]
         if any(g is None for g in grads):
             return
         dot = global_dot(grads, self._s)
