@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from safeprobe.errors import UserError
 from safeprobe.reporting import pages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,36 @@ def test_a_number_changed_in_a_results_file_changes_the_page_and_the_readme(tmp_
     readme = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert "12.3%" in page and "12.3%" in readme
     assert "12.3%" not in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_findings_figures_come_from_the_results(tmp_path):
+    record = json.loads((ROOT / "docs" / "experiments" / "data" / f"{pages.HEADLINE}.json").read_text(encoding="utf-8"))
+    results = record["results"]
+    text = "SFT {{sft:harmful_score}} ({{sft:harmful_score:seeds}}); base {{ base:harmful_score }}."
+    before = pages.filled(text, results, "x")
+    figures = results["summary"]["default"]["sft"]["figures"]["harmful_score"]
+    figures["mean"], figures["values"][0] = 0.987, 0.5
+    after = pages.filled(text, results, "x")
+    assert before != after and "SFT 98.7% (50, " in after and "{{" not in after
+
+
+def test_a_findings_placeholder_that_names_no_figure_is_a_one_line_error():
+    record = json.loads((ROOT / "docs" / "experiments" / "data" / f"{pages.HEADLINE}.json").read_text(encoding="utf-8"))
+    with pytest.raises(UserError, match=r"data/x\.json: findings: no figure 'sap:harmfull_score'.*sap:harmful_score"):
+        pages.filled("{{sap:harmfull_score}}", record["results"], "x")
+
+
+def test_paired_and_sweep_figures_can_be_named(tmp_path):
+    record = json.loads((ROOT / "docs" / "experiments" / "data" / f"{pages.HEADLINE}.json").read_text(encoding="utf-8"))
+    results = record["results"]
+    values = pages.figures_by_name(results)
+    paired = pages.against_reference(results, "default")["sap"]
+    assert values["sap:harm_removed"] == f"{100 * paired['harm_removed']:.0f}%"
+    assert values["sap:harm_change"] == f"{100 * paired['harm_change']['mean']:+.1f}"
+    sweep_point = {"value": 0.0001, "n_runs": 1, "n_done": 1, "runs": ["x"],
+                   "figures": {"accuracy": {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}}}
+    results["sweep_summary"] = {"sft": {"learning_rate": [sweep_point]}}
+    assert pages.filled("{{sft[learning_rate=0.0001]:accuracy}}", results, "x") == "50.0%"
 
 
 def _comments_and_docstrings(path: Path) -> list[str]:

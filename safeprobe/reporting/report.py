@@ -63,8 +63,7 @@ def write_report(out: str | Path, results: dict) -> None:
 
 
 def build(out: Path, results: dict) -> list[Block]:
-    labels = list(dict.fromkeys(label for labels in results["main"].values() for label in labels))
-    colour = plots.colours(labels)
+    colour = plots.colours(_labels(results))
     blocks = _header(results)
     for setting in results["main"]:
         title = f" — setting {setting}" if len(results["main"]) > 1 else ""
@@ -80,12 +79,23 @@ def build(out: Path, results: dict) -> list[Block]:
 
 def results_markdown(results: dict) -> str:
     """The results tables of every setting (figures, and each method against plain fine-tuning), as Markdown."""
+    return markdown(results_blocks(results, figures=False))
+
+
+def results_blocks(results: dict, figures: bool = True) -> list[Block]:
+    """Every setting's tables (and trade-off plot), then the sweeps: a results page's body."""
+    colour = plots.colours(_labels(results))
     blocks = []
     for setting in results["main"]:
         if len(results["main"]) > 1:
             blocks.append(Block("h3", f"Setting {setting}"))
         blocks += [_results_table(results, setting), *_against_reference(results, setting)]
-    return markdown(blocks)
+        blocks += _tradeoff(results, setting, colour) if figures else []
+    return blocks + _sweeps(results, colour, figures)
+
+
+def _labels(results: dict) -> list[str]:
+    return list(dict.fromkeys(label for labels in results["main"].values() for label in labels))
 
 
 # -- sections --------------------------------------------------------------------------------------------------
@@ -230,7 +240,7 @@ def _tradeoff(results: dict, setting: str, colour: dict) -> list[Block]:
                   png=png, name=_file_name("tradeoff", setting))]
 
 
-def _sweeps(results: dict, colour: dict) -> list[Block]:
+def _sweeps(results: dict, colour: dict, figures: bool = True) -> list[Block]:
     sweeps = results.get("sweep_summary") or {}
     if not sweeps:
         return []
@@ -249,7 +259,7 @@ def _sweeps(results: dict, colour: dict) -> list[Block]:
                     line["points"].append({"value": p["value"], **point})
             lines.append(line)
     blocks = [Block("h2", "Sweeps"), Block("p", FRONTIER_NOTE), Block("table", headers=headers, rows=rows)]
-    if any(line["points"] for line in lines):
+    if figures and any(line["points"] for line in lines):
         xlabel, ylabel = _axis_labels(results)
         png = plots.frontiers(lines, colour, _base_point(results), xlabel, ylabel)
         blocks.append(Block("figure", "Each method's sweep frontier (points labelled with the knob's value)",
