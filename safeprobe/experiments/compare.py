@@ -31,6 +31,7 @@ from ..method import methods as registered_methods
 from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
+from .harm_curve import KEYS as HARM_CURVE_KEYS
 from .resume import run_stage
 from .script_arguments import ScriptArguments
 from .train import TrainConfig, data_fingerprints, method_records, run_train, task_examples
@@ -144,6 +145,8 @@ class Run:
     @property
     def digest(self) -> str:
         values = {k: v for k, v in self.train.to_dict().items() if k not in NOT_IN_HASH}
+        if not values.get("eval_harm_every"):  # the curve's settings name a run only when it is on
+            values = {k: v for k, v in values.items() if k not in HARM_CURVE_KEYS}
         files = file_digests(values[k] for k in DATA_KEYS)
         return sha256_json({**values, "data_files": files} if files else values)[:10]
 

@@ -16,6 +16,7 @@ from typing import Callable
 from ..errors import UserError
 from ..io import sha256_json, write_json, write_text
 from ..method.checkpoint import checkpoint_folders, last_complete_checkpoint, step_of
+from .harm_curve import KEYS as HARM_CURVE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ STAGE_FILE = "stage.json"
 NOT_TRAJECTORY = frozenset({"output_dir", "resume", "logging_steps", "save_steps", "report_to", "max_bad_steps",
                             "diagnostics_every", "logging_first_step", "save_total_limit", "push_to_hub",
                             "hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "run_name",
-                            "eval_strategy", "eval_steps", "per_device_eval_batch_size"})
+                            "eval_strategy", "eval_steps", "per_device_eval_batch_size", *HARM_CURVE_KEYS})
 
 
 def trajectory(cfg) -> dict:

@@ -21,6 +21,7 @@ from ..io import FILE_MODE, check_output_dir, output_lock, write_json
 from ..method import TRAIN, get_method
 from ..method.config import _help
 from ..method.diagnostics import attach_diagnostics
+from .harm_curve import attach_harm_curve
 from ..model import load_model, make_trainable
 from ..model.identity import base_identity, write_record
 from . import method_data
@@ -38,7 +39,8 @@ class TrainConfig(RunSettings, ScriptArguments):
     method's own data, the shared training keys of `RunSettings`, and the method's knobs in `method_settings`."""
 
     STAGE: ClassVar[str] = TRAIN
-    MINIMUMS: ClassVar[dict] = {"n": 1, "n_safety": 1, "diagnostics_every": 0}
+    MINIMUMS: ClassVar[dict] = {"n": 1, "n_safety": 1, "diagnostics_every": 0, "eval_harm_every": 0,
+                                 "eval_harm_limit": 1}
 
     method: str = _help("fine-tuning method: sft, sap, safeinstr, lisa or a registered one", "sft")
     output_dir: str = _help("where the adapter, run.json and logs go", "runs/train")
@@ -50,6 +52,10 @@ class TrainConfig(RunSettings, ScriptArguments):
                          "a run that already finished is not repeated", False)
     diagnostics_every: int = _help("every K steps write per-layer cos(useful, harmful-answer gradient) and the "
                                    "losses on harmful and held-out useful data to diagnostics.jsonl (0: off)", 0)
+    eval_harm_every: int = _help("every K steps answer the harmful suites (eval_harm_suites, keyword judge) and "
+                                 "write their harmful score to train_log.jsonl (0: off); training is unchanged", 0)
+    eval_harm_suites: str = _help("harmful suites for eval_harm_every, comma-separated", "jbb-harmful,advbench")
+    eval_harm_limit: int = _help("prompts per suite for eval_harm_every (the first N)", 50)
 
     def __post_init__(self):
         super().__post_init__()
@@ -193,6 +199,8 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     trainer = build_trainer(cfg, model, tokenizer, encoded.features, out, records=records)
     if cfg.diagnostics_every:
         attach_diagnostics(trainer, cfg.dataset_name, cfg.safety_data, cfg.diagnostics_every, out)
+    if cfg.eval_harm_every:
+        attach_harm_curve(trainer, cfg, out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_trained(trainer, out)
     if cfg.use_peft:

@@ -283,6 +283,15 @@ def _training(out: Path, results: dict, setting: str, colour: dict, title: str) 
         blocks.append(Block("figure", "Task loss per optimiser step (mean over seeds, band ± spread), and the "
                             "series each method declares; for SAP, the loss it descends is taken with the probe on", png=plots.step_curves(panels, colour),
                             name=_file_name("task-loss", setting)))
+    harm = _series(logs, "eval_harmful_score")
+    if harm:
+        percent = {label: {"steps": s["steps"], "mean": [100 * v for v in s["mean"]],
+                           "std": [100 * v for v in s["std"]]} for label, s in harm.items()}
+        panels = [{"title": "harmful score during training", "ylabel": "harmful score (%, keyword judge)",
+                   "series": percent}]
+        blocks.append(Block("figure", "Harmful score against optimiser step (eval_harm_every; mean of the harmful "
+                            "suites, mean over seeds, band ± spread; the SAP paper's Figure 5)",
+                            png=plots.step_curves(panels, colour), name=_file_name("harm-curve", setting)))
     blocks += [Block("h3", "Diagnostics (SAP paper, Figures 2 and 3)"), Block("p", DIAGNOSTICS_NOTE)]
     maps = _cosine_maps(diagnostics)
     if maps:
