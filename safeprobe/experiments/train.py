@@ -195,7 +195,8 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None, data: dict) -> 
     model = trainable(cfg, model)
     encoded = encode_all(tokenizer, examples, cfg.max_length)
     if not encoded.features:
-        raise UserError(f"{cfg.dataset_name}: every example is longer than max_length={cfg.max_length}")
+        sources = cfg.dataset_name + (f" + poison_data {cfg.poison_data}" if counts["n_poison"] else "")
+        raise UserError(f"{sources}: every example is longer than max_length={cfg.max_length}")
     trainer = build_trainer(cfg, model, tokenizer, encoded.features, out, records=records)
     if cfg.diagnostics_every:
         attach_diagnostics(trainer, cfg.dataset_name, cfg.safety_data, cfg.diagnostics_every, out)

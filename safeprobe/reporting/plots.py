@@ -60,10 +60,13 @@ def tradeoff_scatter(panels: list[dict], colour: dict[str, str], xlabel: str, yl
     return _png(fig)
 
 
-def frontiers(lines: list[dict], colour: dict[str, str], base: dict | None, xlabel: str, ylabel: str) -> bytes:
-    """Each method's sweep as a line through its points (sorted by the knob), labelled with the knob values.
+def frontiers(lines: list[dict], colour: dict[str, str], base: dict | None, xlabel: str, ylabel: str,
+              others: list[dict] = ()) -> bytes:
+    """Each method's sweep as a line through its points (sorted by the knob), labelled with the knob values, and
+    the methods without a sweep as single points beside them.
 
-    lines: [{"label", "knob", "points": [{"value", "x", "y", "xerr", "yerr"}]}] (percent).
+    lines: [{"label", "knob", "points": [{"value", "x", "y", "xerr", "yerr"}]}]; others: [{"label", "x", "y",
+    "xerr", "yerr"}] (percent).
     """
     fig, axes = _figure(1, height=4.5, width=7.5)
     ax = axes[0]
@@ -78,6 +81,9 @@ def frontiers(lines: list[dict], colour: dict[str, str], base: dict | None, xlab
         for p in pts:
             ax.annotate(f"{p['value']:g}" if isinstance(p["value"], float) else str(p["value"]), (p["x"], p["y"]),
                         textcoords="offset points", xytext=(4, 4), fontsize="x-small", color=colour[line["label"]])
+    for p in others:
+        ax.errorbar([p["x"]], [p["y"]], xerr=[p["xerr"] or 0], yerr=[p["yerr"] or 0], marker="s", capsize=2,
+                    color=colour[p["label"]], linestyle="none", label=p["label"])
     if base:
         ax.plot(base["x"], base["y"], marker="*", markersize=14, color="black", linestyle="none", label="base model")
     ax.set_title("sweep frontiers: lower is safer at the same accuracy")
@@ -86,10 +92,10 @@ def frontiers(lines: list[dict], colour: dict[str, str], base: dict | None, xlab
     return _png(fig)
 
 
-def step_curves(panels: list[dict], colour: dict[str, str]) -> bytes:
-    """Per panel, one line per method over optimiser steps (mean over seeds, band = +- spread).
+def step_curves(panels: list[dict], colour: dict[str, str], xlabel: str = "optimiser step") -> bytes:
+    """Per panel, one line per method over optimiser steps, or any other x (mean over seeds, band = +- spread).
 
-    panels: [{"title", "ylabel", "series": {label: {"steps", "mean", "std"}}}].
+    panels: [{"title", "ylabel", "series": {label: {"steps", "mean", "std"}}}] ("steps": the x values).
     """
     fig, axes = _figure(len(panels))
     for ax, panel in zip(axes, panels):
@@ -99,8 +105,9 @@ def step_curves(panels: list[dict], colour: dict[str, str]) -> bytes:
             if np.any(std > 0):
                 ax.fill_between(steps, mean - std, mean + std, color=colour[label], alpha=0.2, linewidth=0)
         ax.set_title(panel["title"])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _axes(ax, "optimiser step", panel["ylabel"])
+        if xlabel == "optimiser step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _axes(ax, xlabel, panel["ylabel"])
         if panel["series"]:
             ax.legend(fontsize="small")
     return _png(fig)

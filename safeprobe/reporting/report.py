@@ -70,6 +70,7 @@ def build(out: Path, results: dict) -> list[Block]:
         blocks += [Block("h2", f"Results{title}"), _results_table(results, setting)]
         blocks += _against_reference(results, setting)
         blocks += _tradeoff(results, setting, colour)
+    blocks += _across_settings(results, colour)
     blocks += _sweeps(results, colour)
     for setting in results["main"]:
         title = f" — setting {setting}" if len(results["main"]) > 1 else ""
@@ -91,6 +92,7 @@ def results_blocks(results: dict, figures: bool = True) -> list[Block]:
             blocks.append(Block("h3", f"Setting {setting}"))
         blocks += [_results_table(results, setting), *_against_reference(results, setting)]
         blocks += _tradeoff(results, setting, colour) if figures else []
+    blocks += _across_settings(results, colour) if figures else []
     return blocks + _sweeps(results, colour, figures)
 
 
@@ -240,6 +242,46 @@ def _tradeoff(results: dict, setting: str, colour: dict) -> list[Block]:
                   png=png, name=_file_name("tradeoff", setting))]
 
 
+def setting_knob(results: dict) -> tuple[str, dict[str, float]] | None:
+    """(knob, setting -> value) when the settings differ in one numeric knob only (a poisoning sweep:
+    `{p0: {poison_ratio: 0}, p10: {poison_ratio: 0.1}, ...}`), else None."""
+    settings = results["config"].get("settings") or {}
+    knobs = {knob for overrides in settings.values() for knob in overrides}
+    if len(settings) < 2 or len(knobs) != 1:
+        return None
+    knob = knobs.pop()
+    values = {name: overrides.get(knob) for name, overrides in settings.items()}
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
+    return (knob, values) if numeric and len(set(values.values())) == len(values) else None
+
+
+def _across_settings(results: dict, colour: dict) -> list[Block]:
+    found = setting_knob(results)
+    if found is None:
+        return []
+    knob, values = found
+    panels = []
+    for metric in HEADLINES:
+        series = {}
+        for setting in sorted(values, key=values.get):
+            for label, aggregate in results["summary"].get(setting, {}).items():
+                stat = aggregate["figures"].get(metric)
+                if stat and stat["mean"] is not None:
+                    line = series.setdefault(label, {"steps": [], "mean": [], "std": []})
+                    line["steps"].append(values[setting])
+                    line["mean"].append(100 * stat["mean"])
+                    line["std"].append(100 * (stat["std"] or 0))
+        if series:
+            panels.append({"title": f"{METRIC_NAMES[metric]} against {knob}", "ylabel": f"{METRIC_NAMES[metric]} (%)",
+                           "series": series})
+    if not panels:
+        return []
+    return [Block("h2", f"Against {knob}"),
+            Block("figure", f"Each method's headline figures against {knob}, one point per setting (mean over "
+                            "seeds, band ± spread)", png=plots.step_curves(panels, colour, knob),
+                  name=_file_name("against", knob))]
+
+
 def _sweeps(results: dict, colour: dict, figures: bool = True) -> list[Block]:
     sweeps = results.get("sweep_summary") or {}
     if not sweeps:
@@ -261,8 +303,12 @@ def _sweeps(results: dict, colour: dict, figures: bool = True) -> list[Block]:
     blocks = [Block("h2", "Sweeps"), Block("p", FRONTIER_NOTE), Block("table", headers=headers, rows=rows)]
     if figures and any(line["points"] for line in lines):
         xlabel, ylabel = _axis_labels(results)
-        png = plots.frontiers(lines, colour, _base_point(results), xlabel, ylabel)
-        blocks.append(Block("figure", "Each method's sweep frontier (points labelled with the knob's value)",
+        first = next(iter(results["summary"].values()), {})
+        others = [{"label": label, **point} for label, aggregate in first.items()
+                  if label not in sweeps and (point := _point(aggregate["figures"]))]
+        png = plots.frontiers(lines, colour, _base_point(results), xlabel, ylabel, others)
+        blocks.append(Block("figure", "Each method's sweep frontier (points labelled with the knob's value); the "
+                            "methods without a sweep as squares (first setting, mean over seeds)",
                             png=png, name="frontiers.png"))
     return blocks
 

@@ -1,5 +1,6 @@
-"""Harm over training (`eval_harm_every`): harmful-score rows in the step log, training bit-identical with it on
-or off, its settings outside the run's identity when off, and the report's curve."""
+"""The robustness protocols' parts: harm over training (`eval_harm_every`: harmful-score rows in the step log,
+training bit-identical with it on or off, its settings outside the run's identity when off, the report's curve)
+and a poisoning sweep (settings that differ in poison_ratio, drawn against it)."""
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from safeprobe.cli.main import main
 from safeprobe.errors import UserError
 from safeprobe.experiments.compare import Run
 from safeprobe.experiments.train import run_train, train_config
+from safeprobe.reporting.report import setting_knob
 
 from conftest import data_files
 
@@ -67,3 +69,29 @@ def test_compare_draws_harm_against_step(tmp_path):
     assert main(["compare", "--config", str(tmp_path / "c.yaml")]) == 0
     assert (tmp_path / "out" / "figures" / "harm-curve-default.png").stat().st_size > 1000
     assert "Harmful score against optimiser step" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_poisoning_sweep_up_to_pure_harmful_fine_tuning_is_drawn_against_the_ratio(tmp_path):
+    base = {**{k: v for k, v in SETTINGS.items() if k not in ("method", "lora_dropout")}, **data_files(tmp_path),
+            "max_steps": 1, "max_length": 160}
+    settings = {"p0": {"poison_ratio": 0.0}, "p50": {"poison_ratio": 0.5}, "p100": {"poison_ratio": 1.0}}
+    config = {"output_dir": str(tmp_path / "out"), "base": base, "methods": ["sft"], "seeds": [1],
+              "settings": settings, "include_base": False,
+              "eval": {"suites": ["jbb-harmful", "sst2"], "limit": 1, "max_new_tokens": 2, "batch_size": 4}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(tmp_path / "c.yaml")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert setting_knob(results) == ("poison_ratio", {"p0": 0.0, "p50": 0.5, "p100": 1.0})
+    counts = {name: json.loads((tmp_path / "out" / run["folder"] / "run.json").read_text())["data"]
+              for name, run in results["runs"].items()}
+    assert [counts[f"{s}-sft-s1"]["n_poison"] for s in settings] == [0, 3, 6]  # n = 6: 1.0 is all harmful
+    assert (tmp_path / "out" / "figures" / "against-poison_ratio.png").stat().st_size > 1000
+
+
+def test_settings_are_drawn_against_a_knob_only_when_one_numeric_knob_differs():
+    def knob(settings):
+        return setting_knob({"config": {"settings": settings}})
+    assert knob({"a": {"poison_ratio": 0}, "b": {"poison_ratio": 0.1}}) == ("poison_ratio", {"a": 0, "b": 0.1})
+    assert knob({"a": {"poison_ratio": 0}, "b": {"learning_rate": 0.1}}) is None  # two knobs
+    assert knob({"a": {"dataset_name": "x"}, "b": {"dataset_name": "y"}}) is None  # not numeric
+    assert knob({"a": {"poison_ratio": 0}}) is None and knob(None) is None
