@@ -70,6 +70,30 @@ def _judge_validate(cfg, console):
     run_judge_validate(cfg, console)
 
 
+def _attack_config():
+    from ..experiments.attack import AttackConfig
+    return AttackConfig
+
+
+@command("attack", "harmful fine-tuning after fine-tuning: the worst harmful score of a small grid whose task "
+         "accuracy stays within a bound (attack.json)", _attack_config)
+def _attack(cfg, console):
+    from ..experiments.attack import run_attack
+    result = run_attack(cfg, console)
+    before, top = result["before"], result["worst"]
+    console.print(f"before the attack: harmful score {100 * before['harmful_score']:.1f}%, "
+                  f"accuracy {100 * before['accuracy']:.1f}%")
+    for point in result["grid"]:
+        console.print(f"  lr {point['learning_rate']:g}, {point['steps']} steps: harmful score "
+                      f"{100 * point['harmful_score']:.1f}%, accuracy {100 * point['accuracy']:.1f}%")
+    if top["harmful_score"] is None:
+        console.print(f"no attack kept accuracy within {100 * cfg.accuracy_bound:.0f} points")
+    else:
+        console.print(f"worst attack within {100 * cfg.accuracy_bound:.0f} points of accuracy: harmful score "
+                      f"{100 * top['harmful_score']:.1f}% (lr {top['learning_rate']:g}, {top['steps']} steps) "
+                      f"-> {cfg.output_dir}/attack.json")
+
+
 def _demo_config():
     from ..experiments.demo import DemoConfig
     return DemoConfig
