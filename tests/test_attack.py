@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 
 from safeprobe.cli.main import main
 from safeprobe.errors import UserError
@@ -75,3 +76,38 @@ def test_an_attack_on_a_fine_tuned_adapter_runs_the_grid_and_resumes(tmp_path, c
     assert main(args) == 0  # done already: nothing is trained again
     assert stamps == {f: (tmp_path / "out" / f / "run.json").stat().st_mtime_ns for f in stamps}
     assert json.loads((tmp_path / "out" / "attack.json").read_text())["grid"] == result["grid"]
+
+
+def test_compare_attacks_every_model_and_reports_the_worst_attack(tmp_path):
+    base = {"model_name_or_path": "tiny-random-llama", "n": 4, "max_steps": 1, "max_length": 40, "lora_r": 4,
+            "per_device_train_batch_size": 2, "n_safety": 2, "safety_batch_size": 2, **data_files(tmp_path)}
+    config = {"output_dir": str(tmp_path / "out"), "base": base, "methods": ["sft", "sap"], "seeds": [1],
+              "eval": {"suites": "jbb-harmful,sst2", "limit": 1, "max_new_tokens": 2, "batch_size": 4},
+              "attack": {"attack_data": _attack_file(tmp_path), "n": 2, "learning_rates": "1e-3", "steps": "1",
+                         "per_device_train_batch_size": 2, "max_length": 40, "lora_r": 4}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(tmp_path / "c.yaml")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for entry in [results["base"], *results["runs"].values()]:
+        attack = entry["attack"]
+        assert attack["n_within_bound"] in (0, 1) and len(attack["grid"]) == 1
+        folder = tmp_path / "out" / entry["folder"] / "attack"
+        assert json.loads((folder / "attack.json").read_text())["grid"][0]["harmful_score"] == \
+            attack["grid"][0]["harmful_score"]
+        assert not (folder / "model").exists()  # merged for the attack, then deleted
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "harmful score after attack (worst)" in report and "after attack: harmful score vs sft" in report
+
+
+def test_compare_attack_keys_are_checked_before_anything_runs(tmp_path, capsys):
+    config = {"output_dir": str(tmp_path / "out"), "base": {"model_name_or_path": "tiny-random-llama",
+                                                            **data_files(tmp_path)},
+              "methods": ["sft"], "eval": {"suites": "jbb-harmful,sst2"}}
+    for attack, message in (({"adapter": "x"}, "adapter is set by the comparison"),
+                            ({"learning_rate": 1e-4}, "learning_rate"),
+                            ({"steps": "0"}, "steps >= 1")):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "attack": attack}))
+        assert main(["compare", "--config", str(tmp_path / "c.yaml")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.count("\n") == 0, err
+    assert not (tmp_path / "out").exists()

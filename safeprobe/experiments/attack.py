@@ -13,6 +13,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import re
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..data import load_examples
 from ..errors import UserError, check_seed
 from ..evaluation import get_suite, run_eval
 from ..evaluation.suites import HARMFUL, TASK
-from ..io import check_output_dir, write_json
+from ..io import check_output_dir, sha256_file, write_json
 from .resume import run_stage
 from .train import save_model, train_config, run_train
 
@@ -123,8 +124,18 @@ def merged_model(cfg: AttackConfig, out: Path) -> str:
 
 
 def run_attack(cfg: AttackConfig, console) -> dict:
-    """Attack every grid point, evaluate each, and write out/attack.json; returns its content."""
+    """Attack every grid point, evaluate each, and write out/attack.json; returns its content. A finished attack
+    of the same settings (and adapter file) is returned as it is; the merged model is deleted once it is done."""
     out = check_output_dir(cfg.output_dir)
+    settings = {k: v for k, v in cfg.__dict__.items() if k != "output_dir"}
+    if cfg.adapter:
+        settings["adapter_sha256"] = sha256_file(Path(cfg.adapter) / "adapter_model.safetensors")
+    result = run_stage(out, settings, lambda: _attack(cfg, out, console))
+    shutil.rmtree(out / "model", ignore_errors=True)  # base + adapter, gigabytes for a real model: rebuilt if needed
+    return result
+
+
+def _attack(cfg: AttackConfig, out: Path, console) -> dict:
     examples = load_examples(cfg.attack_data, "train")
     check_no_overlap(cfg.attack_data, examples, cfg.harmful_suites)
     if len(examples) < cfg.n:

@@ -24,13 +24,14 @@ from rich.console import Console
 from ..config_file import from_mapping
 from ..errors import TrainingDiverged, UserError, check_seed
 from ..evaluation import SUITES, get_suite, run_eval
-from ..evaluation.suites import TASK
+from ..evaluation.suites import HARMFUL, TASK
 from ..io import check_output_dir, file_digests, output_lock, sha256_file, sha256_json, write_json
 from ..method import get_method
 from ..method import methods as registered_methods
 from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
+from .attack import AttackConfig, run_attack
 from .harm_curve import KEYS as HARM_CURVE_KEYS
 from .resume import run_stage
 from .script_arguments import ScriptArguments
@@ -91,12 +92,34 @@ class CompareConfig:
     include_base: bool = _help("evaluate the untuned model once as a reference row", True)
     sweep: dict | None = _help("per method one or more knobs and their values, e.g. {sap: {beta: [0.01, 0.1]}}; "
                                "runs at the first seed (or `seeds: [...]` inside) in the first setting")
+    attack: dict | None = _help("attack every trained model and the base afterwards (`safeprobe attack`'s keys, "
+                                "e.g. {learning_rates: '1e-5,5e-5,2e-4', steps: '10,20'}; suites, judge, limit and "
+                                "answer length default to the evaluation's)")
 
     def __post_init__(self):
-        for name in ("base", "methods", "seeds", "settings", "eval", "sweep"):
+        for name in ("base", "methods", "seeds", "settings", "eval", "sweep", "attack"):
             setattr(self, name, _structured(getattr(self, name)))
         self.seeds = _seeds(self.seeds)
-        plan(self)  # every run's settings are validated now, before anything is loaded
+        the_plan = plan(self)  # every run's settings are validated now, before anything is loaded
+        if self.attack is not None:
+            attack_config(self, the_plan, the_plan.base_model, None, Path(self.output_dir))
+
+
+def attack_config(cfg: CompareConfig, the_plan: Plan, model: str, adapter: str | None, folder: Path):
+    """The attack of one model of the comparison: the `attack` section over defaults from the evaluation."""
+    kinds = {name: get_suite(name).kind for name in the_plan.eval.suite_names(the_plan.task)}
+    harmful = [name for name, kind in kinds.items() if kind == HARMFUL]
+    tasks = [name for name, kind in kinds.items() if kind == TASK]
+    if not harmful or not tasks:
+        raise UserError("key 'attack': the evaluation needs a harmful suite and a task suite to bound the attack by")
+    defaults = {"suites": ",".join(harmful), "task_suite": tasks[0], "judge": _names(the_plan.eval.judges)[0],
+                "limit": the_plan.eval.limit or 100, "max_new_tokens": the_plan.eval.max_new_tokens}
+    fixed = {"model_name_or_path": model, "adapter": adapter, "output_dir": str(folder / "attack")}
+    given = _mapping(cfg.attack, "attack")
+    clash = sorted(set(given) & set(fixed))
+    if clash:
+        raise UserError(f"key 'attack': {', '.join(clash)} is set by the comparison (each model is attacked)")
+    return from_mapping(AttackConfig, {**defaults, **given, **fixed}, "attack")
 
 
 def _structured(value):
@@ -313,11 +336,17 @@ def run_compare(cfg: CompareConfig, console: Console) -> dict:
         if cfg.include_base:
             console.rule(f"[bold]base model {the_plan.base_model} (no fine-tuning)")
             results["base"] = _evaluate_base(the_plan, out)
+            if cfg.attack is not None:
+                results["base"]["attack"] = _attack(cfg, the_plan, the_plan.base_model, None,
+                                                    out / results["base"]["folder"], console)
             _save(out, results)
         total = len(the_plan.runs)
         for i, run in enumerate(the_plan.runs.values(), start=1):
             console.rule(f"[bold][{i}/{total}] {run.name}[/bold] ({run.train.method}, seed {run.seed})")
-            results["runs"][run.name] = _execute(run, the_plan, out)
+            record = results["runs"][run.name] = _execute(run, the_plan, out)
+            if cfg.attack is not None and record["status"] == "done":
+                folder = out / record["folder"]
+                record["attack"] = _attack(cfg, the_plan, run.train.model_name_or_path, str(folder), folder, console)
             _save(out, results)
         write_report(out, results)
     failed = [name for name, r in results["runs"].items() if r["status"] != "done"]
@@ -325,6 +354,13 @@ def run_compare(cfg: CompareConfig, console: Console) -> dict:
                   f"{out / 'report.md'}, {out / 'report.html'}" + (f"; diverged: {', '.join(failed)}" if failed
                                                                    else ""))
     return results
+
+
+def _attack(cfg: CompareConfig, the_plan: Plan, model: str, adapter: str | None, folder: Path, console) -> dict:
+    """The worst attack on one model (its folder's attack/attack.json has the whole grid)."""
+    result = run_attack(attack_config(cfg, the_plan, model, adapter, folder), console)
+    return {**result["worst"], "before": result["before"],
+            "grid": [{k: p[k] for k in ("learning_rate", "steps", "harmful_score", "accuracy")} for p in result["grid"]]}
 
 
 def _skeleton(cfg: CompareConfig, the_plan: Plan) -> dict:

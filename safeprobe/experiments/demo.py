@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ..errors import UserError, check_seed
 from ..io import check_output_dir
-from ..reporting.summary import against_reference_lines, run_metrics, stats, summarise
+from ..reporting.summary import against_reference_lines, run_figures, stats, summarise
 from .align import AlignConfig, run_align
 from .compare import CompareConfig, run_compare
 
@@ -86,7 +86,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
 def results_table(results: dict) -> Table:
     """Harmful score, over-refusal and accuracy of the aligned base and of each method (mean +- std over seeds)."""
     summary, _ = summarise(results)
-    rows = {"aligned base": {k: stats([v]) for k, v in run_metrics(results["base"]["eval"]).items()}} \
+    rows = {"aligned base": {k: stats([v]) for k, v in run_figures(results["base"]).items()}} \
         if results.get("base") else {}
     for label, aggregate in next(iter(summary.values())).items():
         rows[label] = aggregate["figures"]

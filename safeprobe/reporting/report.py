@@ -18,10 +18,11 @@ from ..io import write_text
 from ..method.diagnostics import read_diagnostics
 from ..method.registry import method_of_run
 from . import plots
-from .summary import HEADLINES, against_reference, run_metrics
+from .summary import HEADLINES, against_reference, run_figures
 
 METRIC_NAMES = {"harmful_score": "harmful score", "refusal_rate": "over-refusal", "accuracy": "accuracy",
-                "test_loss": "test loss"}
+                "test_loss": "test loss", "attack_harmful_score": "harmful score after attack (worst)"}
+PERCENT = (*HEADLINES, "attack_harmful_score")
 FRONTIER_NOTE = ("A method only counts as better where its frontier lies below the others' (a lower harmful score "
                  "at the same task accuracy). One point below another can be a different trade-off on the same "
                  "frontier rather than a better method.")
@@ -115,6 +116,8 @@ def _header(results: dict) -> list[Block]:
 def _columns(results: dict) -> list[str]:
     """Figure keys in table order: headlines, each suite's metric (and test loss), train time, peak memory."""
     keys = ["harmful_score"]
+    if any("attack_harmful_score" in a["figures"] for a in _aggregates(results)):
+        keys.append("attack_harmful_score")
     kinds = {}
     for aggregate in _aggregates(results):
         for key in aggregate["figures"]:
@@ -149,7 +152,7 @@ def _results_table(results: dict, setting: str) -> Block:
     headers = ["method", "seeds done"] + [_column_title(k, judges.get(k)) for k in keys]
     rows = []
     if results.get("base"):
-        figures = run_metrics(results["base"]["eval"])
+        figures = run_figures(results["base"])
         rows.append(["base model (no fine-tuning)", "-"] + [_cell(k, figures.get(k)) for k in keys])
     for label, aggregate in summary.items():
         figures = aggregate["figures"]
@@ -176,6 +179,12 @@ def _against_reference(results: dict, setting: str) -> list[Block]:
     headers = ["entry", "seeds paired", f"harmful score vs {ref} (points)", f"seeds less harmful than {ref}",
                f"accuracy vs {ref} (points)", f"{ref}'s harm increase over the base (points)",
                f"{ref}'s harm increase removed"]
+    if any("attack_harm_change" in p for p in paired.values()):
+        headers += [f"after attack: harmful score vs {ref} (points)", f"after attack: seeds less harmful",
+                    f"after attack: {ref}'s harm increase removed"]
+        for row, p in zip(rows, paired.values()):
+            row += [_points(p["attack_harm_change"]), f"{p['attack_harm_below']} of {p['attack_harm_change']['n']}",
+                    _share(p["attack_harm_removed"])] if "attack_harm_change" in p else ["-", "-", "-"]
     return [Block("p", text), Block("table", headers=headers, rows=rows)]
 
 
@@ -197,7 +206,7 @@ def _cell(key: str, mean, std=None) -> str:
     if mean is None:
         return "-"
     metric = key.rpartition("/")[2]
-    if metric in HEADLINES:
+    if metric in PERCENT:
         text = f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
         return text + "%"
     digits = 4 if metric == "test_loss" else 1
@@ -214,7 +223,7 @@ def _point(figures: dict, x_key: str = "accuracy", y_key: str = "harmful_score")
 def _base_point(results: dict) -> dict | None:
     if not results.get("base"):
         return None
-    figures = run_metrics(results["base"]["eval"])
+    figures = run_figures(results["base"])
     if "accuracy" not in figures or "harmful_score" not in figures:
         return None
     return {"x": 100 * figures["accuracy"], "y": 100 * figures["harmful_score"]}
@@ -362,7 +371,7 @@ def _runs_table(results: dict) -> list[Block]:
                "folder"]
     rows = []
     for name, run in results["runs"].items():
-        figures = run_metrics(run["eval"], run.get("train")) if run["status"] == "done" else {}
+        figures = run_figures(run) if run["status"] == "done" else {}
         sweep = f"{run['sweep']['knob']}={run['sweep']['value']}" if run.get("sweep") else "-"
         rows.append([name, run["method"], run["setting"], str(run["seed"]), sweep, run["status"]]
                     + [_cell(k, figures.get(k)) for k in ("harmful_score", "accuracy", "train_time_s")]

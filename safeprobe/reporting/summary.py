@@ -23,8 +23,14 @@ def stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
 
 
-def run_metrics(suites: dict, train: dict | None = None) -> dict[str, float]:
-    """One run's figures: `<suite>/<metric>`, `<suite>/test_loss`, the headlines and the training figures."""
+def run_figures(entry: dict) -> dict[str, float]:
+    """`run_metrics` of a results entry (a run or the base model): its evaluation, training and attack."""
+    return run_metrics(entry["eval"], entry.get("train"), entry.get("attack"))
+
+
+def run_metrics(suites: dict, train: dict | None = None, attack: dict | None = None) -> dict[str, float]:
+    """One run's figures: `<suite>/<metric>`, `<suite>/test_loss`, the headlines, the training figures and, after
+    `safeprobe attack`, `attack_harmful_score` (the worst attack's harmful score within its accuracy bound)."""
     out, by_metric = {}, {}
     for name, summary in suites.items():
         metric = summary["metric"]
@@ -38,6 +44,8 @@ def run_metrics(suites: dict, train: dict | None = None) -> dict[str, float]:
     for key, source in TRAIN_FIGURES.items():
         if train and train.get(source) is not None:
             out[key] = train[source]
+    if attack and attack.get("harmful_score") is not None:
+        out["attack_harmful_score"] = attack["harmful_score"]
     return out
 
 
@@ -53,7 +61,7 @@ def judges(suites: dict) -> dict[str, str]:
 def aggregate(runs: list[dict]) -> dict:
     """Mean and spread over runs (seeds) of every figure the runs report; failed runs are left out."""
     done = [r for r in runs if r.get("status") == "done"]
-    per_run = [run_metrics(r["eval"], r.get("train")) for r in done]
+    per_run = [run_figures(r) for r in done]
     keys = list(dict.fromkeys(k for metrics in per_run for k in metrics))
     figures = {k: stats([m.get(k) for m in per_run]) for k in keys}
     return {"n_runs": len(runs), "n_done": len(done), "judges": judges(done[0]["eval"]) if done else {},
@@ -99,23 +107,31 @@ def against_reference(results: dict, setting: str) -> dict[str, dict]:
     reference = reference_label(labels, runs)
     if reference is None:
         return {}
-    base = run_metrics(results["base"]["eval"]).get("harmful_score") if results.get("base") else None
+    base = run_figures(results["base"]) if results.get("base") else {}
     ref = _by_seed(runs, labels[reference])
     out = {}
     for label, names in labels.items():
         pairs = [(ref[seed], mine) for seed, mine in _by_seed(runs, names).items() if seed in ref]
         if label == reference or not pairs:
             continue
-        harm = [(r["harmful_score"], m["harmful_score"]) for r, m in pairs
-                if r.get("harmful_score") is not None and m.get("harmful_score") is not None]
-        harm_change = stats([m - r for r, m in harm])
-        increase = stats([r for r, _ in harm])["mean"] - base if harm and base is not None else None
-        out[label] = {"reference": reference, "n_pairs": len(pairs), "harm_change": harm_change,
-                      "harm_below": sum(m < r for r, m in harm), "increase": increase,
-                      "harm_removed": -harm_change["mean"] / increase if increase and increase > 0 else None,
+        out[label] = {"reference": reference, "n_pairs": len(pairs),
+                      **_harm_against(pairs, "harmful_score", base.get("harmful_score"), ""),
                       "accuracy_change": stats([m["accuracy"] - r["accuracy"] for r, m in pairs
                                                 if m.get("accuracy") is not None and r.get("accuracy") is not None])}
+        if any("attack_harmful_score" in m for _, m in pairs):
+            out[label].update(_harm_against(pairs, "attack_harmful_score", base.get("attack_harmful_score"),
+                                             "attack_"))
     return out
+
+
+def _harm_against(pairs: list[tuple[dict, dict]], key: str, base: float | None, prefix: str) -> dict:
+    """harm_change, harm_below, increase and harm_removed of `key` over the (reference, entry) seed pairs."""
+    harm = [(r[key], m[key]) for r, m in pairs if r.get(key) is not None and m.get(key) is not None]
+    change = stats([m - r for r, m in harm])
+    increase = stats([r for r, _ in harm])["mean"] - base if harm and base is not None else None
+    return {f"{prefix}harm_change": change, f"{prefix}harm_below": sum(m < r for r, m in harm),
+            f"{prefix}increase": increase,
+            f"{prefix}harm_removed": -change["mean"] / increase if increase and increase > 0 else None}
 
 
 def against_reference_lines(results: dict) -> list[str]:
@@ -145,5 +161,5 @@ def _delta(stat: dict) -> str:
 
 def _by_seed(runs: dict, names: list[str]) -> dict[int, dict]:
     """seed -> headline figures of the finished runs among `names`."""
-    return {runs[n]["seed"]: run_metrics(runs[n]["eval"]) for n in names
+    return {runs[n]["seed"]: run_figures(runs[n]) for n in names
             if n in runs and runs[n].get("status") == "done"}
