@@ -42,7 +42,8 @@ class TrainConfig(RunSettings, ScriptArguments):
     MINIMUMS: ClassVar[dict] = {"n": 1, "n_safety": 1, "diagnostics_every": 0, "eval_harm_every": 0,
                                  "eval_harm_limit": 1}
 
-    method: str = _help("fine-tuning method: sft, sap, safeinstr, lisa or a registered one", "sft")
+    method: str = _help("fine-tuning method: sft, sap, safeinstr, lisa, a registered one, or a composition of one "
+                        "optimiser-side method with data-side ones (sap+safeinstr)", "sft")
     output_dir: str = _help("where the adapter, run.json and logs go", "runs/train")
     safety_data: str = _help("safety pairs (prompt, safe, harmful) for SAP: a name or a file", "pku-saferlhf-pairs")
     n_safety: int = _help("number of safety pairs (SAP; paper: 50) or safety demonstrations (SafeInstr, Lisa)", 50)

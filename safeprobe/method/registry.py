@@ -59,6 +59,7 @@ class Method:
     series: tuple[Series, ...] = ()
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())  # names its runs log (e.g. SAP's reference mode)
+    data_only: bool = False  # its trainer only changes the training data: it composes with others as "A+B"
 
     @property
     def config_class(self):
@@ -85,15 +86,45 @@ def methods(stage: str = TRAIN) -> dict[str, Method]:
 
 def get_method(name: str, stage: str = TRAIN) -> Method:
     found = methods(stage)
+    if "+" in name and name not in found:
+        return compose(name, stage)
     if name not in found:
-        raise UserError(f"unknown method '{name}'; valid choices: {', '.join(found)}")
+        raise UserError(f"unknown method '{name}'; valid choices: {', '.join(found)} (or a composition such as "
+                        "sap+safeinstr)")
     return found[name]
+
+
+def compose(name: str, stage: str = TRAIN) -> Method:
+    """The method "A+B+...": one optimiser-side method (sft, sap, lisa, ...) trained on the data of the data-side
+    ones (`data_only`, e.g. SafeInstr's demonstrations mixed in). Its trainer is a class whose bases are the
+    data-side trainers, then the optimiser's: each data-side `__init__` adds its data and passes the rest on, so
+    no method knows of another. Registered on first use under `name`."""
+    parts = [get_method(part.strip(), stage) for part in name.split("+")]
+    data_side = [m for m in parts if m.data_only]
+    optimisers = [m for m in parts if not m.data_only]
+    if len(optimisers) != 1 or not data_side or len({m.name for m in parts}) != len(parts):
+        raise UserError(f"method '{name}': a composition is one optimiser-side method and one or more data-side "
+                        f"ones ({', '.join(m.name for m in methods(stage).values() if m.data_only) or 'none'}), "
+                        "each once")
+    optimiser = optimisers[0]
+    trainer = type("".join(m.trainer.__name__.removesuffix("Trainer") for m in parts) + "Trainer",
+                   (*(m.trainer for m in data_side), optimiser.trainer),
+                   {"method_name": name, "config_class": optimiser.trainer.config_class})
+    roles = {role.kwarg: role for m in parts for role in m.data}
+    return register(Method(name, trainer, stage=stage, data=tuple(roles.values()), series=optimiser.series,
+                           summary=f"{optimiser.name} on the data of {', '.join(m.name for m in data_side)}"))
 
 
 def method_of_run(logged_name: str) -> Method | None:
     """The method whose runs log `logged_name` as their method (its name or an alias)."""
     discover()
-    return next((m for m in METHODS.values() if logged_name == m.name or logged_name in m.aliases), None)
+    found = next((m for m in METHODS.values() if logged_name == m.name or logged_name in m.aliases), None)
+    if found is None and "+" in logged_name:
+        try:
+            return compose(logged_name)
+        except UserError:
+            return None
+    return found
 
 
 _discovered = False

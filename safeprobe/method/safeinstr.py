@@ -18,4 +18,4 @@ class SafeInstrTrainer(SafeprobeTrainer):
 
 
 register(Method("safeinstr", SafeInstrTrainer, summary="safety demonstrations mixed into the task data (Bianchi et al. 2024)",
-                data=(DataRole("safety_demos", "alignment_data", "n_safety", "examples", "alignment", None),)))
+                data_only=True, data=(DataRole("safety_demos", "alignment_data", "n_safety", "examples", "alignment", None),)))
