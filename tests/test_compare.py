@@ -297,8 +297,10 @@ def test_shipped_compare_configs_are_valid(name):
     from safeprobe.cli.config import from_mapping, read_yaml
     from safeprobe.experiments.compare import CompareConfig, plan
     path = Path(__file__).resolve().parents[1] / "configs" / name
-    the_plan = plan(from_mapping(CompareConfig, read_yaml(str(path)), str(path)))  # every run validated
-    assert the_plan.runs and {run.train.dataset_name for run in the_plan.runs.values()} == {"sst2"}
+    values = read_yaml(str(path))
+    the_plan = plan(from_mapping(CompareConfig, values, str(path)))  # every run validated
+    assert the_plan.runs and {run.train.dataset_name for run in the_plan.runs.values()} == {
+        values["base"]["dataset_name"]}
 
 
 @pytest.mark.parametrize("name,extra", [("sft-frontier.yaml", "sft-learning_rate"), ("amortised-tradeoff.yaml", "sap_k4-")])

@@ -288,7 +288,9 @@ def _method_entries(methods) -> dict[str, dict]:
             raise UserError(f"key 'methods': name '{label}' may only hold letters, digits, '_' and '.'")
         entry = {"method": label, **_mapping(overrides, f"methods.{label}")}
         known = registered_methods()
-        if entry["method"] not in known:
+        if "+" in str(entry["method"]):
+            get_method(str(entry["method"]))  # a composition such as sap+safeinstr: checked by the registry
+        elif entry["method"] not in known:
             raise UserError(f"key 'methods.{label}': unknown method '{entry['method']}' (valid: "
                             f"{', '.join(known)}); give `method:` for a named variant")
         entries[label] = _checked_overrides(entry, f"methods.{label}", settable=("method",), shared=False)
