@@ -94,3 +94,16 @@ def from_mapping(cls, values: dict, source: str):
         missing = [n for n, f in fields.items() if n not in out and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise UserError(f"{source}: missing required key(s): {', '.join(missing) or e}") from None
+
+
+def comma_separated(value, what: str, kind=str) -> list:
+    """A key's comma-separated values (or a YAML list) as `kind`s; none, or one that is not a `kind`, is a
+    one-line error naming the key."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        values = [kind(str(item).strip()) for item in items if str(item).strip()]
+    except ValueError:
+        raise UserError(f"{what}: expected comma-separated {kind.__name__} values, got {value!r}") from None
+    if not values:
+        raise UserError(f"{what}: give at least one value")
+    return values

@@ -5,14 +5,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from ..config_file import comma_separated
 from ..errors import UserError, check_seed
-
-
-def _names(value: str, what: str) -> list[str]:
-    names = [n.strip() for n in str(value).split(",") if n.strip()]
-    if not names:
-        raise UserError(f"--{what}: give at least one name")
-    return names
 
 
 @dataclass
@@ -38,7 +32,7 @@ class EvalConfig:
 def run_eval_command(cfg: EvalConfig, console: Console) -> None:
     from ..evaluation import run_eval
     from ..evaluation.report import markdown
-    result = run_eval(cfg.model_name_or_path, cfg.adapter, _names(cfg.suite, "suite"), _names(cfg.judge, "judge"), cfg.limit,
+    result = run_eval(cfg.model_name_or_path, cfg.adapter, comma_separated(cfg.suite, "--suite"), comma_separated(cfg.judge, "--judge"), cfg.limit,
                       cfg.output_dir, cfg.max_new_tokens, cfg.batch_size, cfg.dtype,
                       allow_base_mismatch=cfg.allow_base_mismatch)
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)

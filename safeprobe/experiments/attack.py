@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config_file import comma_separated
 from ..data import load_examples
 from ..errors import UserError, check_seed
 from ..evaluation import get_suite, run_eval
@@ -27,16 +28,6 @@ from .resume import run_stage
 from .train import save_model, train_config, run_train
 
 ATTACK_FILE = "attack.json"
-
-
-def _list(value: str, what: str, kind=str) -> list:
-    try:
-        items = [kind(v.strip()) for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{what}: expected comma-separated {kind.__name__} values, got {value!r}") from None
-    if not items:
-        raise UserError(f"{what}: give at least one value")
-    return items
 
 
 @dataclass
@@ -79,15 +70,15 @@ class AttackConfig:
 
     @property
     def grid_learning_rates(self) -> list[float]:
-        return _list(self.learning_rates, "learning_rates", float)
+        return comma_separated(self.learning_rates, "learning_rates", float)
 
     @property
     def grid_steps(self) -> list[int]:
-        return _list(self.steps, "steps", int)
+        return comma_separated(self.steps, "steps", int)
 
     @property
     def harmful_suites(self) -> list[str]:
-        return _list(self.suites, "suites")
+        return comma_separated(self.suites, "suites")
 
 
 def _normalised(text: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..config_file import comma_separated
 from ..errors import UserError
 from ..evaluation.runner import evaluate
 from ..evaluation.suites import HARMFUL, get_suite
@@ -26,9 +27,7 @@ KEYS = ("eval_harm_every", "eval_harm_suites", "eval_harm_limit")  # the curve's
 
 def harmful_suites(names: str) -> list[str]:
     """The comma-separated suite names of `eval_harm_suites`, each checked to be a harmful suite."""
-    suites = [name.strip() for name in names.split(",") if name.strip()]
-    if not suites:
-        raise UserError("eval_harm_suites: no suite named")
+    suites = comma_separated(names, "eval_harm_suites")
     for name in suites:
         if get_suite(name).kind != HARMFUL:
             raise UserError(f"eval_harm_suites: '{name}' is not a harmful suite (its prompts must ask for harm)")
