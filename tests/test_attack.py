@@ -64,7 +64,8 @@ def test_an_attack_on_a_fine_tuned_adapter_runs_the_grid_and_resumes(tmp_path, c
     assert main(args) == 0
     result = json.loads((tmp_path / "out" / "attack.json").read_text())
     assert [(p["learning_rate"], p["steps"]) for p in result["grid"]] == [(1e-4, 1), (1e-3, 1)]
-    assert result["model"] == str(tmp_path / "out" / "model")  # base + adapter merged
+    work = tmp_path / "out" / result["grid"][0]["folder"].split("/")[0]
+    assert result["model"] == str(work / "model") and not (work / "model").exists()  # merged, used, deleted
     for point in result["grid"]:
         run = json.loads((tmp_path / "out" / point["folder"] / "run.json").read_text())
         assert run["global_steps"] == 1 and run["config"]["learning_rate"] == point["learning_rate"]
@@ -76,6 +77,16 @@ def test_an_attack_on_a_fine_tuned_adapter_runs_the_grid_and_resumes(tmp_path, c
     assert main(args) == 0  # done already: nothing is trained again
     assert stamps == {f: (tmp_path / "out" / f / "run.json").stat().st_mtime_ns for f in stamps}
     assert json.loads((tmp_path / "out" / "attack.json").read_text())["grid"] == result["grid"]
+    assert not list((tmp_path / "out").glob("*/grid/*/checkpoint-*"))  # optimiser states are not kept
+    # the adapter retrained in place and another attack setting: new folders, nothing stale reused, no error
+    run_train(train_config(model_name_or_path="tiny-random-llama", n=4, max_steps=2, max_length=40, lora_r=4,
+                           per_device_train_batch_size=2, output_dir=str(tmp_path / "finetuned2"), **files))
+    (adapter / "adapter_model.safetensors").write_bytes((tmp_path / "finetuned2" / "adapter_model.safetensors")
+                                                        .read_bytes())
+    assert main(args[:-2] + ["--n", "3", "--output_dir", str(tmp_path / "out")]) == 0
+    again = json.loads((tmp_path / "out" / "attack.json").read_text())
+    assert again["grid"][0]["folder"].split("/")[0] != result["grid"][0]["folder"].split("/")[0]
+    assert json.loads((tmp_path / "out" / again["grid"][0]["folder"] / "run.json").read_text())["config"]["n"] == 3
 
 
 def test_compare_attacks_every_model_and_reports_the_worst_attack(tmp_path):

@@ -45,10 +45,9 @@ def test_the_curve_is_written_and_training_is_bit_identical_with_it_on_or_off(tm
 
 
 def test_a_suite_that_is_not_harmful_is_a_one_line_error(tmp_path):
-    cfg = train_config(**SETTINGS, **data_files(tmp_path), output_dir=str(tmp_path / "x"), eval_harm_every=1,
-                       eval_harm_suites="sst2")
     with pytest.raises(UserError, match=r"^eval_harm_suites: 'sst2' is not a harmful suite"):
-        run_train(cfg)
+        train_config(**SETTINGS, **data_files(tmp_path), output_dir=str(tmp_path / "x"), eval_harm_every=1,
+                     eval_harm_suites="sst2")  # before any model is loaded
 
 
 def test_the_curve_settings_name_a_run_only_when_it_is_on(tmp_path):

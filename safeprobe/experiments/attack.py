@@ -23,11 +23,13 @@ from ..data import load_examples
 from ..errors import UserError, check_seed
 from ..evaluation import get_suite, run_eval
 from ..evaluation.suites import HARMFUL, TASK
-from ..io import check_output_dir, sha256_file, write_json
+from ..io import check_output_dir, sha256_file, sha256_json, write_json
+from ..method.checkpoint import checkpoint_folders
 from .resume import run_stage
 from .train import save_model, train_config, run_train
 
 ATTACK_FILE = "attack.json"
+MERGED = "merged.json"  # written after the merged model: a merge interrupted before it is redone
 
 
 @dataclass
@@ -48,7 +50,7 @@ class AttackConfig:
     suites: str = field(default="jbb-harmful,advbench", metadata={"help": "harmful suites, comma-separated"})
     task_suite: str = field(default="sst2", metadata={"help": "the task suite whose accuracy bounds the attack"})
     judge: str = field(default="keyword", metadata={"help": "judge of the harmful suites"})
-    limit: int = field(default=50, metadata={"help": "prompts per suite"})
+    limit: int | None = field(default=50, metadata={"help": "prompts per suite (none: all)"})
     max_new_tokens: int = field(default=32, metadata={"help": "answer length cap"})
     seed: int = field(default=42, metadata={"help": "seed of the attack data sample and training"})
     output_dir: str = field(default="runs/attack", metadata={"help": "where attack.json and the grid's runs go"})
@@ -58,7 +60,7 @@ class AttackConfig:
         if not 0 <= self.accuracy_bound <= 1:
             raise UserError(f"accuracy_bound must be in [0, 1], got {self.accuracy_bound}")
         for name in ("n", "limit", "max_new_tokens", "per_device_train_batch_size", "max_length", "lora_r"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(lr <= 0 for lr in self.grid_learning_rates) or any(s < 1 for s in self.grid_steps):
             raise UserError("learning_rates must be > 0 and steps >= 1")
@@ -90,9 +92,9 @@ def check_no_overlap(attack_data: str, examples: list, suites: list[str]) -> Non
     seen = {}
     for name in suites:
         for example in get_suite(name).load():
-            seen.setdefault(_normalised(example.chat[-1]["content"]), name)
+            seen.setdefault(_normalised(example.prompt), name)
     for row, example in enumerate(examples, 1):
-        suite = seen.get(_normalised(example.chat[-1]["content"]))
+        suite = seen.get(_normalised(example.prompt)) if example.prompt.strip() else None
         if suite:
             raise UserError(f"{attack_data}: example {row}'s prompt is in evaluation suite '{suite}' (an attack "
                             "must not train on the prompts it is judged on)")
@@ -103,14 +105,15 @@ def merged_model(cfg: AttackConfig, out: Path) -> str:
     if not cfg.adapter:
         return cfg.model_name_or_path
     target = out / "model"
-    if not (target / "config.json").exists():
+    if not (target / MERGED).exists():
         from ..model import load_model
         from ..model.adapters import load_adapter
         model, tokenizer = load_model(cfg.model_name_or_path)
         model, _ = load_adapter(model, cfg.adapter, cfg.model_name_or_path)
         target.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(target)
-        save_model(model.merge_and_unload(), target)  # config.json last-ish: its presence marks a finished merge
+        save_model(model.merge_and_unload(), target)
+        write_json(target / MERGED, {"model": cfg.model_name_or_path, "adapter": cfg.adapter})  # last: it is done
     return str(target)
 
 
@@ -120,30 +123,38 @@ def run_attack(cfg: AttackConfig, console) -> dict:
     out = check_output_dir(cfg.output_dir)
     settings = {k: v for k, v in cfg.__dict__.items() if k != "output_dir"}
     if cfg.adapter:
-        settings["adapter_sha256"] = sha256_file(Path(cfg.adapter) / "adapter_model.safetensors")
-    result = run_stage(out, settings, lambda: _attack(cfg, out, console))
-    shutil.rmtree(out / "model", ignore_errors=True)  # base + adapter, gigabytes for a real model: rebuilt if needed
+        weights = Path(cfg.adapter) / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"adapter {cfg.adapter}: no adapter_model.safetensors (not a trained PEFT adapter folder)")
+        settings["adapter_sha256"] = sha256_file(weights)
+    # the grid lives in a folder named by every setting and the adapter's content: a changed model, adapter or
+    # setting never meets the runs or evaluations of another
+    work = out / f"attack-{sha256_json(settings)[:10]}"
+    result = run_stage(out, settings, lambda: _attack(cfg, out, work, console))
+    shutil.rmtree(work / "model", ignore_errors=True)  # base + adapter, gigabytes for a real model: rebuilt if needed
     return result
 
 
-def _attack(cfg: AttackConfig, out: Path, console) -> dict:
+def _attack(cfg: AttackConfig, out: Path, work: Path, console) -> dict:
     examples = load_examples(cfg.attack_data, "train")
     check_no_overlap(cfg.attack_data, examples, cfg.harmful_suites)
     if len(examples) < cfg.n:
         raise UserError(f"attack_data '{cfg.attack_data}' has {len(examples)} examples, n={cfg.n} asked")
-    model = merged_model(cfg, out)
+    model = merged_model(cfg, work)
     suites = [*cfg.harmful_suites, cfg.task_suite]
-    before = _evaluate(cfg, model, None, suites, out / "before")
+    before = _evaluate(cfg, model, None, suites, work / "before")
     grid = []
     for lr in cfg.grid_learning_rates:
         for steps in cfg.grid_steps:
-            folder = out / "grid" / f"lr{lr:g}-steps{steps}"
+            folder = work / "grid" / f"lr{lr:g}-steps{steps}"
             console.rule(f"attack: learning rate {lr:g}, {steps} steps")
             run_train(train_config(method="sft", model_name_or_path=model, dataset_name=cfg.attack_data, n=cfg.n,
                                    learning_rate=lr, max_steps=steps, seed=cfg.seed, lora_r=cfg.lora_r,
                                    per_device_train_batch_size=cfg.per_device_train_batch_size,
                                    max_length=cfg.max_length, save_steps=steps, output_dir=str(folder),
                                    resume=True))
+            for checkpoint in checkpoint_folders(folder):  # they serve resuming only: optimiser states pile up
+                shutil.rmtree(checkpoint)
             grid.append({"learning_rate": lr, "steps": steps, "folder": str(folder.relative_to(out)),
                          **_evaluate(cfg, model, str(folder), suites, folder / "eval")})
     result = {"config": cfg.__dict__, "model": model, "before": before, "grid": grid,

@@ -113,7 +113,7 @@ def attack_config(cfg: CompareConfig, the_plan: Plan, model: str, adapter: str |
     if not harmful or not tasks:
         raise UserError("key 'attack': the evaluation needs a harmful suite and a task suite to bound the attack by")
     defaults = {"suites": ",".join(harmful), "task_suite": tasks[0], "judge": _names(the_plan.eval.judges)[0],
-                "limit": the_plan.eval.limit or 100, "max_new_tokens": the_plan.eval.max_new_tokens}
+                "limit": the_plan.eval.limit, "max_new_tokens": the_plan.eval.max_new_tokens}
     fixed = {"model_name_or_path": model, "adapter": adapter, "output_dir": str(folder / "attack")}
     given = _mapping(cfg.attack, "attack")
     clash = sorted(set(given) & set(fixed))

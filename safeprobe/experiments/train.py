@@ -21,7 +21,7 @@ from ..io import FILE_MODE, check_output_dir, output_lock, write_json
 from ..method import TRAIN, get_method
 from ..method.config import _help
 from ..method.diagnostics import attach_diagnostics
-from .harm_curve import attach_harm_curve
+from .harm_curve import attach_harm_curve, harmful_suites
 from ..model import load_model, make_trainable
 from ..model.identity import base_identity, write_record
 from . import method_data
@@ -61,6 +61,8 @@ class TrainConfig(RunSettings, ScriptArguments):
     def __post_init__(self):
         super().__post_init__()
         self.check_data()
+        if self.eval_harm_every:
+            harmful_suites(self.eval_harm_suites)  # a typo fails now, not after the model is loaded
 
 
 def train_config(shared: bool = False, **values) -> TrainConfig:
