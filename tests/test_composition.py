@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from safeprobe.errors import UserError
 from safeprobe.experiments.train import run_train, train_config
-from safeprobe.method.registry import get_method, method_of_run
+from safeprobe.method.registry import get_method, method_of_run, methods
 from safeprobe.method.safeinstr import SafeInstrTrainer
 from safeprobe.method.sap.trainer import SAPTrainer
 
@@ -28,6 +28,7 @@ def test_the_composed_method_is_both_trainers_with_both_data_roles():
     assert method.trainer.config_class is SAPTrainer.config_class  # SAP's knobs
     assert {r.kwarg for r in method.data} == {"safety_dataset", "safety_demos"}
     assert method.series == get_method("sap").series and method_of_run("sap+safeinstr") is method
+    assert "sap+safeinstr" not in methods() and get_method("sap+safeinstr") is method  # built once, not listed
 
 
 def test_sap_on_safeinstr_data_trains_on_the_mixture_and_is_safeinstr_at_step_size_zero(tmp_path):

@@ -67,6 +67,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+COMPOSED: dict[str, Method] = {}  # "sap+safeinstr" and the like, built by `compose` when first named
 
 
 def register(method: Method) -> Method:
@@ -98,7 +99,10 @@ def compose(name: str, stage: str = TRAIN) -> Method:
     """The method "A+B+...": one optimiser-side method (sft, sap, lisa, ...) trained on the data of the data-side
     ones (`data_only`, e.g. SafeInstr's demonstrations mixed in). Its trainer is a class whose bases are the
     data-side trainers, then the optimiser's: each data-side `__init__` adds its data and passes the rest on, so
-    no method knows of another. Registered on first use under `name`."""
+    no method knows of another. Built once per name and kept apart from the registered methods (which list the
+    methods there are, not their combinations)."""
+    if name in COMPOSED:
+        return COMPOSED[name]
     parts = [get_method(part.strip(), stage) for part in name.split("+")]
     data_side = [m for m in parts if m.data_only]
     optimisers = [m for m in parts if not m.data_only]
@@ -111,8 +115,9 @@ def compose(name: str, stage: str = TRAIN) -> Method:
                    (*(m.trainer for m in data_side), optimiser.trainer),
                    {"method_name": name, "config_class": optimiser.trainer.config_class})
     roles = {role.kwarg: role for m in parts for role in m.data}
-    return register(Method(name, trainer, stage=stage, data=tuple(roles.values()), series=optimiser.series,
-                           summary=f"{optimiser.name} on the data of {', '.join(m.name for m in data_side)}"))
+    COMPOSED[name] = Method(name, trainer, stage=stage, data=tuple(roles.values()), series=optimiser.series,
+                            summary=f"{optimiser.name} on the data of {', '.join(m.name for m in data_side)}")
+    return COMPOSED[name]
 
 
 def method_of_run(logged_name: str) -> Method | None:
