@@ -27,7 +27,6 @@ from ..evaluation import SUITES, get_suite, run_eval
 from ..evaluation.suites import HARMFUL, TASK
 from ..io import check_output_dir, file_digests, output_lock, sha256_file, sha256_json, write_json
 from ..method import get_method
-from ..method import methods as registered_methods
 from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
@@ -287,12 +286,10 @@ def _method_entries(methods) -> dict[str, dict]:
         if not re.fullmatch(r"[A-Za-z0-9_.]+", label):
             raise UserError(f"key 'methods': name '{label}' may only hold letters, digits, '_' and '.'")
         entry = {"method": label, **_mapping(overrides, f"methods.{label}")}
-        known = registered_methods()
-        if "+" in str(entry["method"]):
-            get_method(str(entry["method"]))  # a composition such as sap+safeinstr: checked by the registry
-        elif entry["method"] not in known:
-            raise UserError(f"key 'methods.{label}': unknown method '{entry['method']}' (valid: "
-                            f"{', '.join(known)}); give `method:` for a named variant")
+        try:
+            get_method(str(entry["method"]))  # a registered method or a composition such as sap+safeinstr
+        except UserError as e:
+            raise UserError(f"key 'methods.{label}': {e}; give `method:` for a named variant") from None
         entries[label] = _checked_overrides(entry, f"methods.{label}", settable=("method",), shared=False)
     return entries
 
