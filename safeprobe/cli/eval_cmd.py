@@ -19,7 +19,8 @@ class EvalConfig:
     judge: str = field(default="keyword", metadata={"help": "comma-separated judges: keyword, moderation, "
                                                             "hf-classifier:PATH, harmbench-cls:PATH, "
                                                             "llama-guard:PATH, qwen3guard:PATH, strongreject:PATH"})
-    limit: int | None = field(default=None, metadata={"help": "at most this many prompts per suite"})
+    limit: str | None = field(default=None, metadata={
+        "help": "prompts per suite (the first N): N for every suite, or per suite as 50,sst2=200,advbench=all"})
     max_new_tokens: int = field(default=128, metadata={"help": "answer length cap"})
     batch_size: int = field(default=32, metadata={"help": "generation batch size"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
@@ -32,8 +33,8 @@ class EvalConfig:
 def run_eval_command(cfg: EvalConfig, console: Console) -> None:
     from ..evaluation import run_eval
     from ..evaluation.report import markdown
-    result = run_eval(cfg.model_name_or_path, cfg.adapter, comma_separated(cfg.suite, "--suite"), comma_separated(cfg.judge, "--judge"), cfg.limit,
-                      cfg.output_dir, cfg.max_new_tokens, cfg.batch_size, cfg.dtype,
+    result = run_eval(cfg.model_name_or_path, cfg.adapter, comma_separated(cfg.suite, "--suite"),
+                      comma_separated(cfg.judge, "--judge"), cfg.limit, cfg.output_dir, cfg.max_new_tokens, cfg.batch_size, cfg.dtype,
                       allow_base_mismatch=cfg.allow_base_mismatch)
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
     console.print(f"written to {cfg.output_dir}/eval.json, eval.md, generations.jsonl")

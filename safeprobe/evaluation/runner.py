@@ -12,6 +12,7 @@ from ..method.losses import token_logprobs
 from ..model.adapters import load_adapter
 from .generate import eval_mode, generate
 from .judges import Judge, KeywordJudge, get_judge
+from .limits import check_limit_suites, parse_limit, suite_limit
 from .metrics import fraction
 from .report import write_report
 from .suites import HARMFUL, OVER_REFUSAL, TASK, get_suite
@@ -21,20 +22,29 @@ DEFAULT_JUDGES = ("keyword",)
 LOSS_MAX_LENGTH = 512  # prompt + gold answer tokens for the task test loss
 
 
-def evaluate(model, tokenizer, suites: list[str], judges=DEFAULT_JUDGES, limit: int | None = None,
+def evaluate(model, tokenizer, suites: list[str], judges=DEFAULT_JUDGES, limit: int | str | None = None,
              max_new_tokens: int = 128, batch_size: int = 32, output_dir=None, progress: bool = True) -> dict:
     """Answer every suite greedily, judge / grade the answers, and return (and optionally write) the results.
 
     `judges` are names (or Judge objects). Returns {"suites": {name: summary}, "judges": {name: description},
     "settings": {...}}; each summary holds its metric (`harmful_score`, `refusal_rate` or `accuracy`) as a
     fraction in [0, 1] with `judge`, `n`, `ci95` (Wilson); harmful suites give the first judge's figure and
-    every judge's in `by_judge`. With `output_dir`, writes eval.json, eval.md and generations.jsonl there.
+    every judge's in `by_judge`. `limit` is all prompts (None), a number per suite, or per suite (`limits`).
+    With `output_dir`, writes eval.json, eval.md and generations.jsonl there.
     """
-    result, rows = _evaluate(model, tokenizer, [get_suite(s) for s in suites], resolve_judges(judges), limit,
+    suite_objs = [get_suite(s) for s in suites]
+    result, rows = _evaluate(model, tokenizer, suite_objs, resolve_judges(judges), checked_limit(limit, suite_objs),
                              max_new_tokens, batch_size, progress)
     if output_dir is not None:
         write_report(output_dir, result, rows)
     return result
+
+
+def checked_limit(limit, suites) -> int | str | None:
+    """The canonical limit, refused when it names a suite not among `suites`."""
+    limit = parse_limit(limit)
+    check_limit_suites(limit, [s.name for s in suites])
+    return limit
 
 
 def resolve_judges(judges) -> list[Judge]:
@@ -51,7 +61,7 @@ def _evaluate(model, tokenizer, suites, judges, limit, max_new_tokens, batch_siz
     rows: list[dict] = []
     for suite in suites:
         start = time.perf_counter()
-        examples = suite.load()[:limit]
+        examples = suite.load()[:suite_limit(limit, suite.name)]
         cap = min(max_new_tokens, suite.max_new_tokens or max_new_tokens)
         answers = generate(model, tokenizer, [e.chat for e in examples], cap, batch_size, desc=suite.name,
                            progress=progress)
@@ -129,17 +139,16 @@ def test_loss(model, tokenizer, examples, batch_size: int = 16) -> float | None:
 
 
 def run_eval(model_spec: str, adapter: str | None = None, suites=DEFAULT_SUITES, judges=DEFAULT_JUDGES,
-             limit: int | None = None, output_dir: str = "runs/eval", max_new_tokens: int = 128,
+             limit: int | str | None = None, output_dir: str = "runs/eval", max_new_tokens: int = 128,
              batch_size: int = 32, dtype: str = "float32", progress: bool = True,
              allow_base_mismatch: bool = False) -> dict:
     """Load `model_spec` (+ a PEFT adapter, checked to have been trained on that base unless
     `allow_base_mismatch`), evaluate, and write DIR/eval.json, eval.md, generations.jsonl."""
-    if limit is not None and limit < 1:
-        raise UserError(f"limit must be a positive number of prompts, got {limit}")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     suite_objs = [get_suite(s) for s in suites]  # cheap checks first: a typo should not cost a model load
+    limit = checked_limit(limit, suite_objs)
     judge_objs = resolve_judges(judges)
     check_output_dir(output_dir)  # before the model loads and the answers are generated
     from ..model import load_model

@@ -22,6 +22,7 @@ from ..config_file import comma_separated
 from ..data import load_examples
 from ..errors import UserError, check_seed
 from ..evaluation import get_suite, run_eval
+from ..evaluation.limits import check_limit_suites, parse_limit
 from ..evaluation.suites import HARMFUL, TASK
 from ..io import check_output_dir, sha256_file, sha256_json, write_json
 from ..method.checkpoint import checkpoint_folders
@@ -50,7 +51,9 @@ class AttackConfig:
     suites: str = field(default="jbb-harmful,advbench", metadata={"help": "harmful suites, comma-separated"})
     task_suite: str = field(default="sst2", metadata={"help": "the task suite whose accuracy bounds the attack"})
     judge: str = field(default="keyword", metadata={"help": "judge of the harmful suites"})
-    limit: int | None = field(default=50, metadata={"help": "prompts per suite (none: all)"})
+    limit: str | None = field(default=50, metadata={
+        "help": "prompts per suite (none: all): N for every suite, or per suite as 50,sst2=200,advbench=all"})
+    batch_size: int = field(default=32, metadata={"help": "generation batch size of the evaluations"})
     max_new_tokens: int = field(default=32, metadata={"help": "answer length cap"})
     seed: int = field(default=42, metadata={"help": "seed of the attack data sample and training"})
     output_dir: str = field(default="runs/attack", metadata={"help": "where attack.json and the grid's runs go"})
@@ -59,7 +62,8 @@ class AttackConfig:
         check_seed(self.seed)
         if not 0 <= self.accuracy_bound <= 1:
             raise UserError(f"accuracy_bound must be in [0, 1], got {self.accuracy_bound}")
-        for name in ("n", "limit", "max_new_tokens", "per_device_train_batch_size", "max_length", "lora_r"):
+        self.limit = parse_limit(self.limit)
+        for name in ("n", "max_new_tokens", "batch_size", "per_device_train_batch_size", "max_length", "lora_r"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(lr <= 0 for lr in self.grid_learning_rates) or any(s < 1 for s in self.grid_steps):
@@ -69,6 +73,7 @@ class AttackConfig:
                 raise UserError(f"suites: '{name}' is not a harmful suite")
         if get_suite(self.task_suite).kind != TASK:
             raise UserError(f"task_suite: '{self.task_suite}' is not a task suite (it needs a graded answer)")
+        check_limit_suites(self.limit, [*self.harmful_suites, self.task_suite])
 
     @property
     def grid_learning_rates(self) -> list[float]:
@@ -167,7 +172,8 @@ def _evaluate(cfg: AttackConfig, model: str, adapter: str | None, suites: list[s
     settings = {"model": model, "adapter": adapter, "suites": suites, "judge": cfg.judge, "limit": cfg.limit,
                 "max_new_tokens": cfg.max_new_tokens}
     result = run_stage(folder, settings, lambda: run_eval(
-        model, adapter, suites, [cfg.judge], cfg.limit, str(folder), cfg.max_new_tokens, progress=False))
+        model, adapter, suites, [cfg.judge], cfg.limit, str(folder), cfg.max_new_tokens, cfg.batch_size,
+        progress=False))
     figures = {name: result["suites"][name]["harmful_score"] for name in cfg.harmful_suites}
     return {"harmful_score": statistics.fmean(figures.values()), "by_suite": figures,
             "accuracy": result["suites"][cfg.task_suite]["accuracy"]}

@@ -24,6 +24,7 @@ from rich.console import Console
 from ..config_file import from_mapping
 from ..errors import TrainingDiverged, UserError, check_seed
 from ..evaluation import SUITES, get_suite, run_eval
+from ..evaluation.limits import check_limit_suites, parse_limit, restrict_limit
 from ..evaluation.suites import HARMFUL, TASK
 from ..io import check_output_dir, file_digests, output_lock, sha256_file, sha256_json, write_json
 from ..method import get_method
@@ -56,12 +57,13 @@ class EvalSettings:
 
     suites: str | None = None  # None: two harmful suites, one over-refusal suite and the task's own suite
     judges: str = "keyword"
-    limit: int | None = 100
+    limit: str | None = 100  # a number per suite, or per suite: 50,sst2=200 (evaluation.limits)
     max_new_tokens: int = 128
     batch_size: int = 32
 
     def __post_init__(self):
-        for name in ("limit", "max_new_tokens", "batch_size"):
+        self.limit = parse_limit(self.limit, "eval: limit")
+        for name in ("max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"eval: {name} must be >= 1, got {value}")
@@ -112,7 +114,8 @@ def attack_config(cfg: CompareConfig, the_plan: Plan, model: str, adapter: str |
     if not harmful or not tasks:
         raise UserError("key 'attack': the evaluation needs a harmful suite and a task suite to bound the attack by")
     defaults = {"suites": ",".join(harmful), "task_suite": tasks[0], "judge": _names(the_plan.eval.judges)[0],
-                "limit": the_plan.eval.limit, "max_new_tokens": the_plan.eval.max_new_tokens}
+                "limit": restrict_limit(the_plan.eval.limit, [*harmful, tasks[0]]),
+                "max_new_tokens": the_plan.eval.max_new_tokens, "batch_size": the_plan.eval.batch_size}
     fixed = {"model_name_or_path": model, "adapter": adapter, "output_dir": str(folder / "attack")}
     given = _mapping(cfg.attack, "attack")
     clash = sorted(set(given) & set(fixed))
@@ -203,6 +206,7 @@ def plan(cfg: CompareConfig) -> Plan:
     the_plan = Plan({}, {}, {}, from_mapping(EvalSettings, _mapping(cfg.eval, "eval"), "eval"),
                     base.get("model_name_or_path", TrainConfig.model_name_or_path),
                     base.get("dataset_name", TrainConfig.dataset_name))
+    check_limit_suites(the_plan.eval.limit, the_plan.eval.suite_names(the_plan.task), "eval: limit")
     for seed in cfg.seeds:  # seed by seed: after the first seed every method has a comparable result
         for setting, overrides in settings.items():
             for label, entry in methods.items():

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..evaluation.limits import describe_limit
 from ..io import write_text
 from .report import markdown, results_blocks, results_markdown
 from .summary import HEADLINES, against_reference, run_figures
@@ -39,7 +40,7 @@ def page(name: str, record: dict, figures: dict | None = None) -> str:
     if "results" in record:
         results = record["results"]
         meta += [("seeds", ", ".join(map(str, results["config"]["seeds"]))),
-                 ("judge", ", ".join(results["eval"]["judges"])), ("prompts per suite", str(results["eval"]["limit"]))]
+                 ("judge", ", ".join(results["eval"]["judges"])), ("prompts", describe_limit(results["eval"]["limit"]))]
         blocks = results_blocks(results)
         for block in blocks:
             if block.kind == "figure":
@@ -158,7 +159,7 @@ def readme_table(name: str, record: dict) -> str:
     results = record["results"]
     return (f"{START}\n{record['title']} ({record['date']}, commit `{record['commit']}`, "
             f"{record['machine']}; `{record['command']}`; judge: {', '.join(results['eval']['judges'])}, "
-            f"{results['eval']['limit']} prompts per suite):\n\n{results_markdown(results).strip()}\n{END}")
+            f"{describe_limit(results['eval']['limit'])}):\n\n{results_markdown(results).strip()}\n{END}")
 
 
 def read_record(path: Path) -> dict:

@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..evaluation.limits import describe_limit
 from ..io import write_text
 from ..method.diagnostics import read_diagnostics
 from ..method.registry import method_of_run
@@ -108,7 +109,7 @@ def _header(results: dict) -> list[Block]:
     done = sum(r["status"] == "done" for r in results["runs"].values())
     text = (f"model `{base.get('model', 'default')}`, task `{base.get('task', 'default')}`, seeds "
             f"{cfg.get('seeds')}; evaluation: suites {', '.join(evaluation['suites'])}, judges "
-            f"{', '.join(evaluation['judges'])}, limit {evaluation['limit']} prompts per suite, greedy, "
+            f"{', '.join(evaluation['judges'])}, {describe_limit(evaluation['limit'])}, greedy, "
             f"max_new_tokens {evaluation['max_new_tokens']}. {done} of {len(results['runs'])} runs finished.")
     return [Block("h1", "safeprobe compare"), Block("p", text), Block("p", NOTES)]
 
