@@ -93,7 +93,8 @@ def test_compare_attacks_every_model_and_reports_the_worst_attack(tmp_path):
     base = {"model_name_or_path": "tiny-random-llama", "n": 4, "max_steps": 1, "max_length": 40, "lora_r": 4,
             "per_device_train_batch_size": 2, "n_safety": 2, "safety_batch_size": 2, **data_files(tmp_path)}
     config = {"output_dir": str(tmp_path / "out"), "base": base, "methods": ["sft", "sap"], "seeds": [1],
-              "eval": {"suites": "jbb-harmful,sst2", "limit": 1, "max_new_tokens": 2, "batch_size": 4},
+              "eval": {"suites": "jbb-harmful,xstest-safe,sst2", "limit": "1,jbb-harmful=2,xstest-safe=1",
+                       "max_new_tokens": 2, "batch_size": 4},
               "attack": {"attack_data": _attack_file(tmp_path), "n": 2, "learning_rates": "1e-3", "steps": "1",
                          "per_device_train_batch_size": 2, "max_length": 40, "lora_r": 4}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
@@ -106,6 +107,9 @@ def test_compare_attacks_every_model_and_reports_the_worst_attack(tmp_path):
         assert json.loads((folder / "attack.json").read_text())["grid"][0]["harmful_score"] == \
             attack["grid"][0]["harmful_score"]
         assert not (folder / "model").exists()  # merged for the attack, then deleted
+        # the evaluation's per-suite limit, less the suite the attack does not answer
+        evaluated = json.loads(next(folder.glob("attack-*/grid/*/eval/eval.json")).read_text())["suites"]
+        assert {name: s["n"] for name, s in evaluated.items()} == {"jbb-harmful": 2, "sst2": 1}
     report = (tmp_path / "out" / "report.md").read_text()
     assert "harmful score after attack (worst)" in report and "after attack: harmful score vs sft" in report
 

@@ -225,6 +225,7 @@ def test_rerun_skips_every_run_and_a_killed_compare_resumes(compared, monkeypatc
     ({"sweep": {"sap": {"betta": [0.1]}}}, "unknown key 'betta'"),
     ({"eval": {"suites": ["nope"]}}, "unknown suite 'nope'"),
     ({"eval": {"limit": 0}}, "limit must be >= 1"),
+    ({"eval": {"limit": "gsm8k=3"}}, "eval: limit: names suite(s) gsm8k, which are not evaluated"),
     ({"base": {"dataset_name": "no/such/task.jsonl"}}, "no/such/task.jsonl"),  # before the base model's evaluation
     ({"base": {"seed": 3}}, "'seed' is set by compare"),
     ({"settings": {"p0": {"output_dir": "x"}}}, "'output_dir' is set by compare"),

@@ -278,6 +278,48 @@ def test_eval_outputs_and_schema(tiny, prompts_file, tmp_path):
     assert "| sst2 | accuracy |" in (tmp_path / "eval.md").read_text()
 
 
+def test_a_per_suite_limit_takes_that_many_prompts_of_each_suite(tiny, prompts_file):
+    model, tokenizer = tiny
+    result = evaluate(model, tokenizer, [str(prompts_file), "jbb-benign", "sst2"], ["keyword"],
+                      limit="2,sst2=3,jbb-benign=all", max_new_tokens=2, batch_size=4, progress=False)
+    counts = {name: summary["n"] for name, summary in result["suites"].items()}
+    assert counts == {str(prompts_file): 2, "jbb-benign": len(get_suite("jbb-benign").load()), "sst2": 3}
+    assert result["settings"]["limit"] == "2,jbb-benign=all,sst2=3"  # canonical: recorded the same way each time
+    with pytest.raises(UserError, match="names suite.s. advbench, which are not evaluated"):
+        evaluate(model, tokenizer, ["sst2"], ["keyword"], limit="advbench=5", progress=False)
+
+
+@pytest.mark.parametrize("raw, canonical, taken", [
+    (None, None, {"sst2": None, "advbench": None}),
+    (50, 50, {"sst2": 50, "advbench": 50}),
+    ("50", 50, {"sst2": 50, "advbench": 50}),  # a number stays a number: older settings keep their hashes
+    ("sst2=200", "sst2=200", {"sst2": 200, "advbench": None}),
+    (" sst2 = 200 , 50 ", "50,sst2=200", {"sst2": 200, "advbench": 50}),
+    ("50,advbench=all", "50,advbench=all", {"sst2": 50, "advbench": None}),
+    ("all,sst2=7", "sst2=7", {"sst2": 7, "advbench": None}),
+])
+def test_limits_are_read_in_one_canonical_form(raw, canonical, taken):
+    from safeprobe.evaluation.limits import parse_limit, suite_limit
+    assert parse_limit(raw) == canonical
+    assert {suite: suite_limit(canonical, suite) for suite in taken} == taken
+
+
+@pytest.mark.parametrize("raw, message", [("0", "limit must be >= 1, got 0"), ("sst2=-1", "limit must be >= 1"),
+                                          ("sst2=many", "expected a number of prompts"), ("x", "got 'x'")])
+def test_a_bad_limit_is_one_line_naming_it(raw, message):
+    from safeprobe.evaluation.limits import parse_limit
+    with pytest.raises(UserError, match=message):
+        parse_limit(raw)
+
+
+def test_restricting_a_limit_keeps_the_number_and_the_named_suites_only():
+    from safeprobe.evaluation.limits import describe_limit, restrict_limit
+    assert restrict_limit("50,sst2=200,xstest-safe=10", ["advbench", "sst2"]) == "50,sst2=200"
+    assert restrict_limit("xstest-safe=10", ["advbench"]) is None
+    assert describe_limit("sst2=200") == "every prompt of each suite, sst2: 200"
+    assert describe_limit(50) == "50 prompts per suite"
+
+
 def test_run_eval_loads_spec_and_adapter(prompts_file, tmp_path):
     from safeprobe.model import apply_lora
     model, tokenizer = load_model("tiny-random-llama")
