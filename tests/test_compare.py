@@ -134,6 +134,21 @@ def test_against_sft_pairs_seeds_and_takes_the_share_of_the_mean_increase():
                            "sft's harmful-score increase over the base model")
 
 
+def test_a_mean_over_fewer_seeds_than_the_entry_finished_says_so():
+    from safeprobe.reporting.report import _results_table
+    from safeprobe.reporting.summary import summarise
+    results = _paired_results({"sft-s1": (0.30, 0.80), "sft-s2": (0.50, 0.90), "sap-s1": (0.20, 0.78),
+                               "sap-s2": (0.40, 0.86)})
+    results["runs"]["sft-s1"]["attack"] = {"harmful_score": 0.70}
+    results["runs"]["sft-s2"]["attack"] = {"harmful_score": 0.90}
+    results["runs"]["sap-s1"]["attack"] = {"harmful_score": 0.60}  # seed 2's attack is not done
+    results["summary"], _ = summarise({**results, "sweeps": {}})
+    table = _results_table(results, "default")
+    column = next(i for i, h in enumerate(table.headers) if h.startswith("harmful score after attack (worst)"))
+    cells = {row[0]: row[column] for row in table.rows}
+    assert cells["sft"] == "80.0 ± 14.1%" and cells["sap"] == "60.0% (1 of 2 seeds)"
+
+
 def test_the_reference_is_the_entry_whose_method_is_sft_when_none_is_named_sft():
     from safeprobe.reporting.summary import against_reference
     runs = {"sft-s1": (0.30, 0.80), "sap-s1": (0.20, 0.80)}

@@ -42,6 +42,13 @@ def test_sap_on_safeinstr_data_trains_on_the_mixture_and_is_safeinstr_at_step_si
     assert {"probe_raise", "s_norm"} <= set(moving_log[0]) and moving_log[0]["method"] == "sap+safeinstr"
 
 
+def test_a_composition_in_reference_mode_logs_its_own_name(tmp_path):
+    info, _, log = train(tmp_path, "reference", method="sap+safeinstr", mode="reference", max_steps=1)
+    assert info["method"] == log[0]["method"] == "sap+safeinstr-reference"
+    assert method_of_run("sap+safeinstr-reference") is get_method("sap+safeinstr")
+    assert method_of_run("sap+safeinstr-typo") is None
+
+
 @pytest.mark.parametrize("name", ["sap+lisa", "safeinstr+safeinstr", "sap+nothing"])
 def test_a_composition_needs_one_optimiser_and_known_data_side_methods(name):
     with pytest.raises(UserError, match="method '|unknown method 'nothing'"):

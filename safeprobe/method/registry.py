@@ -115,8 +115,9 @@ def compose(name: str, stage: str = TRAIN) -> Method:
                    (*(m.trainer for m in data_side), optimiser.trainer),
                    {"method_name": name, "config_class": optimiser.trainer.config_class})
     roles = {role.kwarg: role for m in parts for role in m.data}
+    aliases = tuple(name + alias.removeprefix(optimiser.name) for alias in optimiser.aliases)  # sap+safeinstr-reference
     COMPOSED[name] = Method(name, trainer, stage=stage, data=tuple(roles.values()), series=optimiser.series,
-                            summary=f"{optimiser.name} on the data of {', '.join(m.name for m in data_side)}")
+                            aliases=aliases, summary=f"{optimiser.name} on the data of {', '.join(m.name for m in data_side)}")
     return COMPOSED[name]
 
 
@@ -125,10 +126,11 @@ def method_of_run(logged_name: str) -> Method | None:
     discover()
     found = next((m for m in METHODS.values() if logged_name == m.name or logged_name in m.aliases), None)
     if found is None and "+" in logged_name:
-        try:
-            return compose(logged_name)
+        try:  # a composition logs its name or an alias of its optimiser's (a mode suffix after "-")
+            composed = compose(logged_name.split("-")[0])
         except UserError:
             return None
+        return composed if logged_name == composed.name or logged_name in composed.aliases else None
     return found
 
 

@@ -158,8 +158,15 @@ def _results_table(results: dict, setting: str) -> Block:
     for label, aggregate in summary.items():
         figures = aggregate["figures"]
         rows.append([label, f"{aggregate['n_done']}/{aggregate['n_runs']}"]
-                    + [_cell(k, figures[k]["mean"], figures[k]["std"]) if k in figures else "-" for k in keys])
+                    + [_seed_cell(k, figures[k], aggregate["n_done"]) if k in figures else "-" for k in keys])
     return Block("table", headers=headers, rows=rows)
+
+
+def _seed_cell(key: str, stat: dict, n_done: int) -> str:
+    """A mean over fewer seeds than the entry finished (an attack not run yet, or one that broke every model)
+    says so: it is not comparable with its neighbours as it stands."""
+    cell = _cell(key, stat["mean"], stat["std"])
+    return cell if stat["n"] >= n_done or cell == "-" else f"{cell} ({stat['n']} of {n_done} seeds)"
 
 
 def _against_reference(results: dict, setting: str) -> list[Block]:

@@ -50,8 +50,8 @@ class SAPTrainer(SafeprobeTrainer):
         check_shardable(self, "SAP")
         if safety_dataset is None or not len(safety_dataset):
             raise ValueError("SAPTrainer needs a non-empty safety_dataset (preference rows or encoded safety pairs)")
-        if self.args.mode == "reference":
-            self.method_name = "sap-reference"
+        if self.args.mode == "reference":  # a composed method keeps its name: sap+safeinstr-reference
+            self.method_name = f"{self.method_name}-reference"
         self.probe = Probe(self.model, self.args.probe_layers)
         # the clean probe pass and step 5 share the layers below the lowest probed one (not under gradient
         # checkpointing, which would recompute them from inside the shared graph, nor under FSDP)
