@@ -110,6 +110,11 @@ def test_compare_attacks_every_model_and_reports_the_worst_attack(tmp_path):
         # the evaluation's per-suite limit, less the suite the attack does not answer
         evaluated = json.loads(next(folder.glob("attack-*/grid/*/eval/eval.json")).read_text())["suites"]
         assert {name: s["n"] for name, s in evaluated.items()} == {"jbb-harmful": 2, "sst2": 1}
+        # the model's own evaluation answered those prompts: it is the attack's reference, not evaluated again
+        assert attack["before"] == {"harmful_score": entry["eval"]["jbb-harmful"]["harmful_score"],
+                                    "by_suite": {"jbb-harmful": entry["eval"]["jbb-harmful"]["harmful_score"]},
+                                    "accuracy": entry["eval"]["sst2"]["accuracy"]}
+        assert not list(folder.glob("attack-*/before"))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "harmful score after attack (worst)" in report and "after attack: harmful score vs sft" in report
 

@@ -122,11 +122,17 @@ def merged_model(cfg: AttackConfig, out: Path) -> str:
     return str(target)
 
 
-def run_attack(cfg: AttackConfig, console) -> dict:
+def run_attack(cfg: AttackConfig, console, unattacked: dict | None = None) -> dict:
     """Attack every grid point, evaluate each, and write out/attack.json; returns its content. A finished attack
-    of the same settings (and adapter file) is returned as it is; the merged model is deleted once it is done."""
+    of the same settings (and adapter file) is returned as it is; the merged model is deleted once it is done.
+
+    `unattacked`: the model's evaluation ({suite: summary}) already made on the attack's suites with its judge,
+    limit and answer length (compare's), taken as the grid's reference instead of evaluating the model again."""
     out = check_output_dir(cfg.output_dir)
     settings = {k: v for k, v in cfg.__dict__.items() if k != "output_dir"}
+    before = figures(cfg, unattacked) if unattacked is not None else None
+    if before is not None:
+        settings["before"] = before
     if cfg.adapter:
         weights = Path(cfg.adapter) / "adapter_model.safetensors"
         if not weights.is_file():
@@ -135,19 +141,19 @@ def run_attack(cfg: AttackConfig, console) -> dict:
     # the grid lives in a folder named by every setting and the adapter's content: a changed model, adapter or
     # setting never meets the runs or evaluations of another
     work = out / f"attack-{sha256_json(settings)[:10]}"
-    result = run_stage(out, settings, lambda: _attack(cfg, out, work, console))
+    result = run_stage(out, settings, lambda: _attack(cfg, out, work, console, before))
     shutil.rmtree(work / "model", ignore_errors=True)  # base + adapter, gigabytes for a real model: rebuilt if needed
     return result
 
 
-def _attack(cfg: AttackConfig, out: Path, work: Path, console) -> dict:
+def _attack(cfg: AttackConfig, out: Path, work: Path, console, before: dict | None) -> dict:
     examples = load_examples(cfg.attack_data, "train")
     check_no_overlap(cfg.attack_data, examples, cfg.harmful_suites)
     if len(examples) < cfg.n:
         raise UserError(f"attack_data '{cfg.attack_data}' has {len(examples)} examples, n={cfg.n} asked")
     model = merged_model(cfg, work)
     suites = [*cfg.harmful_suites, cfg.task_suite]
-    before = _evaluate(cfg, model, None, suites, work / "before")
+    before = before or _evaluate(cfg, model, None, suites, work / "before")
     grid = []
     for lr in cfg.grid_learning_rates:
         for steps in cfg.grid_steps:
@@ -174,9 +180,15 @@ def _evaluate(cfg: AttackConfig, model: str, adapter: str | None, suites: list[s
     result = run_stage(folder, settings, lambda: run_eval(
         model, adapter, suites, [cfg.judge], cfg.limit, str(folder), cfg.max_new_tokens, cfg.batch_size,
         progress=False))
-    figures = {name: result["suites"][name]["harmful_score"] for name in cfg.harmful_suites}
-    return {"harmful_score": statistics.fmean(figures.values()), "by_suite": figures,
-            "accuracy": result["suites"][cfg.task_suite]["accuracy"]}
+    return figures(cfg, result["suites"])
+
+
+def figures(cfg: AttackConfig, suites: dict) -> dict:
+    """An evaluation's figures the attack compares: mean harmful score of its suites (by the evaluation's first
+    judge: the attack's) and the task accuracy."""
+    scores = {name: suites[name]["harmful_score"] for name in cfg.harmful_suites}
+    return {"harmful_score": statistics.fmean(scores.values()), "by_suite": scores,
+            "accuracy": suites[cfg.task_suite]["accuracy"]}
 
 
 def worst(before: dict, grid: list[dict], bound: float) -> dict:

@@ -341,7 +341,7 @@ def run_compare(cfg: CompareConfig, console: Console) -> dict:
             results["base"] = _evaluate_base(the_plan, out)
             if cfg.attack is not None:
                 results["base"]["attack"] = _attack(cfg, the_plan, the_plan.base_model, None,
-                                                    out / results["base"]["folder"], console)
+                                                    out / results["base"]["folder"], results["base"]["eval"], console)
             _save(out, results)
         total = len(the_plan.runs)
         for i, run in enumerate(the_plan.runs.values(), start=1):
@@ -349,7 +349,8 @@ def run_compare(cfg: CompareConfig, console: Console) -> dict:
             record = results["runs"][run.name] = _execute(run, the_plan, out)
             if cfg.attack is not None and record["status"] == "done":
                 folder = out / record["folder"]
-                record["attack"] = _attack(cfg, the_plan, run.train.model_name_or_path, str(folder), folder, console)
+                record["attack"] = _attack(cfg, the_plan, run.train.model_name_or_path, str(folder), folder,
+                                           record["eval"], console)
             _save(out, results)
         write_report(out, results)
     failed = [name for name, r in results["runs"].items() if r["status"] != "done"]
@@ -359,9 +360,16 @@ def run_compare(cfg: CompareConfig, console: Console) -> dict:
     return results
 
 
-def _attack(cfg: CompareConfig, the_plan: Plan, model: str, adapter: str | None, folder: Path, console) -> dict:
-    """The worst attack on one model (its folder's attack/attack.json has the whole grid)."""
-    result = run_attack(attack_config(cfg, the_plan, model, adapter, folder), console)
+def _attack(cfg: CompareConfig, the_plan: Plan, model: str, adapter: str | None, folder: Path, evaluated: dict,
+            console) -> dict:
+    """The worst attack on one model (its folder's attack/attack.json has the whole grid). The model's own
+    evaluation is the attack's reference when it answered the attack's prompts the attack's way."""
+    attack = attack_config(cfg, the_plan, model, adapter, folder)
+    same = (attack.limit == restrict_limit(the_plan.eval.limit, [*attack.harmful_suites, attack.task_suite])
+            and attack.max_new_tokens == the_plan.eval.max_new_tokens
+            and attack.judge == _names(the_plan.eval.judges)[0]
+            and all(name in evaluated for name in [*attack.harmful_suites, attack.task_suite]))
+    result = run_attack(attack, console, evaluated if same else None)
     return {**result["worst"], "before": result["before"],
             "grid": [{k: p[k] for k in ("learning_rate", "steps", "harmful_score", "accuracy")} for p in result["grid"]]}
 
