@@ -34,6 +34,18 @@ def test_the_results_pages_and_the_readme_table_are_what_the_records_generate(tm
     assert (tmp_path / "README.md").read_text(encoding="utf-8") == (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+def test_the_claims_table_fills_each_verdict_from_its_record_and_names_the_claims_not_run():
+    record = json.loads((ROOT / "docs" / "experiments" / "data" / f"{pages.HEADLINE}.json").read_text(encoding="utf-8"))
+    name = pages.CLAIMS[0][0]
+    text = pages.claims_page({name: {**record, "verdict": "SAP {{sap:harmful_score}} against {{sft:harmful_score}}"}})
+    values = pages.figures_by_name(record["results"])
+    row = next(line for line in text.splitlines() if line.startswith(f"| {pages.CLAIMS[0][1]} |"))
+    assert f"SAP {values['sap:harmful_score']} against {values['sft:harmful_score']}" in row and f"({name}.md)" in row
+    for other, claim, _ in pages.CLAIMS[1:]:
+        assert f"| {claim} |" in text and f"not run yet (`configs/{other}.yaml`)" in text
+        assert (ROOT / "configs" / f"{other}.yaml").is_file()  # every claim names a shipped comparison
+
+
 def test_a_number_changed_in_a_results_file_changes_the_page_and_the_readme(tmp_path):
     experiments = tmp_path / "docs" / "experiments"
     shutil.copytree(ROOT / "docs" / "experiments", experiments)
