@@ -40,7 +40,7 @@ CLAIMS = (
      "the demo's runs, then every model (and the base) attacked by plain fine-tuning on harmful pairs: the worst "
      "of a learning-rate grid whose task accuracy stays within 10 points"),
     ("claims-poisoning", "robust to harmful fine-tuning", "the demo's protocol at poisoning ratios 0 to 1.0"),
-    ("claims-long-training", "holds over long training", "5x the demo's steps, harmful score every 20 steps"),
+    ("claims-long-training", "holds over long training", "5x the demo's steps, harmful score every 40 steps"),
     ("claims-composition", "composes with other defenses", "SAP alone, SafeInstr alone, SAP on SafeInstr's data"),
     ("claims-other-tasks-agnews", "other tasks: AG News", "the demo's protocol on AG News"),
     ("claims-other-tasks-gsm8k", "other tasks: GSM8K", "the demo's protocol on GSM8K"),
