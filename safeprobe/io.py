@@ -67,6 +67,21 @@ def append_jsonl(path, obj) -> None:
         f.write(json.dumps(obj, default=str) + "\n")
 
 
+def read_step_log(path) -> list[dict]:
+    """The rows of a step log written by `append_jsonl` that carry an integer "step" ([] if there is no log); a
+    torn last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
 @contextlib.contextmanager
 def output_lock(directory):
     """Hold `directory`/.safeprobe.lock while writing there; a second safeprobe process is refused at once.

@@ -12,6 +12,7 @@ from safeprobe.cli.main import main
 from safeprobe.errors import UserError
 from safeprobe.experiments.compare import Run
 from safeprobe.experiments.train import run_train, train_config
+from safeprobe.reporting.pages import page
 from safeprobe.reporting.report import setting_knob
 
 from conftest import data_files
@@ -68,6 +69,16 @@ def test_compare_draws_harm_against_step(tmp_path):
     assert main(["compare", "--config", str(tmp_path / "c.yaml")]) == 0
     assert (tmp_path / "out" / "figures" / "harm-curve-default.png").stat().st_size > 1000
     assert "Harmful score against optimiser step" in (tmp_path / "out" / "report.md").read_text()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = next(iter(results["runs"].values()))
+    logged = _steps(tmp_path / "out" / run["folder"], "eval_harmful_score")
+    assert [r["step"] for r in run["harm_curve"]] == [0, 1, 2, 3] == [r["step"] for r in logged]
+    assert [r["eval_harmful_score"] for r in run["harm_curve"]] == [r["eval_harmful_score"] for r in logged]
+    # a stored record (results.json alone, no run folders) still draws the curve on its results page
+    record = {"title": "t", "date": "d", "commit": "c", "machine": "m", "command": "x", "results": results}
+    figures = {}
+    assert "Harmful score against optimiser step" in page("curve", record, figures)
+    assert figures["curve-harm-curve-default.png"][:4] == b"\x89PNG"
 
 
 def test_a_poisoning_sweep_up_to_pure_harmful_fine_tuning_is_drawn_against_the_ratio(tmp_path):

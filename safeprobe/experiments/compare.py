@@ -32,7 +32,7 @@ from ..method.checkpoint import checkpoint_folders
 from ..reporting.report import write_report
 from ..reporting.summary import summarise
 from .attack import AttackConfig, run_attack
-from .harm_curve import KEYS as HARM_CURVE_KEYS
+from .harm_curve import KEYS as HARM_CURVE_KEYS, read_curve
 from .resume import run_stage
 from .script_arguments import ScriptArguments
 from .train import TrainConfig, data_fingerprints, method_records, run_train, task_examples
@@ -418,7 +418,9 @@ def _execute(run: Run, the_plan: Plan, out: Path) -> dict:
                               adapter=sha256_file(folder / "adapter_model.safetensors"))
     result = run_stage(folder / "eval", settings, lambda: run_eval(
         run.train.model_name_or_path, adapter=str(folder), output_dir=str(folder / "eval"), **eval_kwargs))
-    return {**record, "status": "done", "train": _train_figures(info), "eval": result["suites"]}
+    curve = read_curve(folder)  # kept in results.json, so that a stored record can draw it without the run
+    return {**record, "status": "done", "train": _train_figures(info), "eval": result["suites"],
+            **({"harm_curve": curve} if curve else {})}
 
 
 def _train_figures(info: dict) -> dict:

@@ -18,7 +18,7 @@ from ..config_file import comma_separated
 from ..errors import UserError
 from ..evaluation.runner import evaluate
 from ..evaluation.suites import HARMFUL, get_suite
-from ..io import append_jsonl
+from ..io import append_jsonl, read_step_log
 from ..method.diagnostics import undisturbed
 
 ANSWER_TOKENS = 32  # the demo's answer length: the keyword judge sees a refusal in the first sentence
@@ -58,6 +58,13 @@ class HarmCurve(TrainerCallback):
         scores = {name: summary["harmful_score"] for name, summary in result["suites"].items()}
         append_jsonl(self.step_log, {"step": step, "eval_harmful_score": round(statistics.fmean(scores.values()), 6),
                                      "eval_harm": scores})
+
+
+def read_curve(run_dir: str | Path) -> list[dict]:
+    """The harm-curve rows of a run's step log, in step order ([] when the curve was off)."""
+    rows = read_step_log(Path(run_dir) / "train_log.jsonl")
+    return [{k: r[k] for k in ("step", "eval_harmful_score", "eval_harm") if k in r}
+            for r in rows if "eval_harmful_score" in r]
 
 
 def attach_harm_curve(trainer, cfg, out: Path) -> None:

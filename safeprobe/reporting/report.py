@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..evaluation.limits import describe_limit
-from ..io import write_text
+from ..io import read_step_log, write_text
 from ..method.diagnostics import read_diagnostics
 from ..method.registry import method_of_run
 from . import plots
@@ -71,7 +70,7 @@ def build(out: Path, results: dict) -> list[Block]:
         title = f" — setting {setting}" if len(results["main"]) > 1 else ""
         blocks += [Block("h2", f"Results{title}"), _results_table(results, setting)]
         blocks += _against_reference(results, setting)
-        blocks += _tradeoff(results, setting, colour)
+        blocks += _tradeoff(results, setting, colour) + _harm_curve(results, setting, colour)
     blocks += _across_settings(results, colour)
     blocks += _sweeps(results, colour)
     for setting in results["main"]:
@@ -93,7 +92,7 @@ def results_blocks(results: dict, figures: bool = True) -> list[Block]:
         if len(results["main"]) > 1:
             blocks.append(Block("h3", f"Setting {setting}"))
         blocks += [_results_table(results, setting), *_against_reference(results, setting)]
-        blocks += _tradeoff(results, setting, colour) if figures else []
+        blocks += _tradeoff(results, setting, colour) + _harm_curve(results, setting, colour) if figures else []
     blocks += _across_settings(results, colour) if figures else []
     return blocks + _sweeps(results, colour, figures)
 
@@ -330,10 +329,26 @@ def _sweeps(results: dict, colour: dict, figures: bool = True) -> list[Block]:
     return blocks
 
 
+def _harm_curve(results: dict, setting: str, colour: dict) -> list[Block]:
+    """Harmful score against step (eval_harm_every), from the curves results.json keeps for each run."""
+    curves = {label: [results["runs"][n].get("harm_curve", []) for n in names if n in results["runs"]]
+              for label, names in results["main"][setting].items()}
+    harm = _series(curves, "eval_harmful_score")
+    if not harm:
+        return []
+    percent = {label: {"steps": s["steps"], "mean": [100 * v for v in s["mean"]],
+                       "std": [100 * v for v in s["std"]]} for label, s in harm.items()}
+    panels = [{"title": "harmful score during training", "ylabel": "harmful score (%, keyword judge)",
+               "series": percent}]
+    return [Block("figure", "Harmful score against optimiser step (eval_harm_every; mean of the harmful suites, "
+                  "mean over seeds, band ± spread; the SAP paper's Figure 5)",
+                  png=plots.step_curves(panels, colour), name=_file_name("harm-curve", setting))]
+
+
 def _training(out: Path, results: dict, setting: str, colour: dict, title: str) -> list[Block]:
     runs = {label: [results["runs"][n] for n in names if results["runs"].get(n, {}).get("status") == "done"]
             for label, names in results["main"][setting].items()}
-    logs = {label: [_jsonl(out / r["folder"] / "train_log.jsonl") for r in rs] for label, rs in runs.items()}
+    logs = {label: [read_step_log(out / r["folder"] / "train_log.jsonl") for r in rs] for label, rs in runs.items()}
     diagnostics = {label: [read_diagnostics(out / r["folder"]) for r in rs] for label, rs in runs.items()}
     blocks = [Block("h2", f"Training{title}")]
     task_loss = _series(logs, "task_loss")
@@ -346,15 +361,6 @@ def _training(out: Path, results: dict, setting: str, colour: dict, title: str) 
         blocks.append(Block("figure", "Task loss per optimiser step (mean over seeds, band ± spread), and the "
                             "series each method declares; for SAP, the loss it descends is taken with the probe on", png=plots.step_curves(panels, colour),
                             name=_file_name("task-loss", setting)))
-    harm = _series(logs, "eval_harmful_score")
-    if harm:
-        percent = {label: {"steps": s["steps"], "mean": [100 * v for v in s["mean"]],
-                           "std": [100 * v for v in s["std"]]} for label, s in harm.items()}
-        panels = [{"title": "harmful score during training", "ylabel": "harmful score (%, keyword judge)",
-                   "series": percent}]
-        blocks.append(Block("figure", "Harmful score against optimiser step (eval_harm_every; mean of the harmful "
-                            "suites, mean over seeds, band ± spread; the SAP paper's Figure 5)",
-                            png=plots.step_curves(panels, colour), name=_file_name("harm-curve", setting)))
     blocks += [Block("h3", "Diagnostics (SAP paper, Figures 2 and 3)"), Block("p", DIAGNOSTICS_NOTE)]
     maps = _cosine_maps(diagnostics)
     if maps:
@@ -388,16 +394,6 @@ def _runs_table(results: dict) -> list[Block]:
 
 
 # -- step series -----------------------------------------------------------------------------------------------
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
 def _method_series(runs: dict[str, list[dict]]) -> list:
