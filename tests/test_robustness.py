@@ -12,7 +12,7 @@ from safeprobe.cli.main import main
 from safeprobe.errors import UserError
 from safeprobe.experiments.compare import Run
 from safeprobe.experiments.train import run_train, train_config
-from safeprobe.reporting.pages import page
+from safeprobe.reporting.pages import filled, page
 from safeprobe.reporting.report import setting_knob
 
 from conftest import data_files
@@ -79,6 +79,8 @@ def test_compare_draws_harm_against_step(tmp_path):
     figures = {}
     assert "Harmful score against optimiser step" in page("curve", record, figures)
     assert figures["curve-harm-curve-default.png"][:4] == b"\x89PNG"
+    last = logged[-1]["eval_harmful_score"]
+    assert filled("{{sft:harm_curve@3}}", results, "curve") == f"{100 * last:.1f}%"
 
 
 def test_a_poisoning_sweep_up_to_pure_harmful_fine_tuning_is_drawn_against_the_ratio(tmp_path):

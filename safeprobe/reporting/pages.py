@@ -13,8 +13,9 @@ its results, so that the prose cannot drift from the files: `{{sap:harmful_score
 key of the results table: `harmful_score`, `sst2/accuracy`, `train_time_s`, ...), `{{sap:harmful_score:seeds}}`
 (its per-seed values), `{{base:harmful_score}}`, `{{sap:harm_change}}`, `{{sap:accuracy_change}}` (paired against
 plain fine-tuning, in points), `{{sap:harm_removed}}`, `{{sap:harm_below}}`, `{{sap:increase}}` (plain fine-tuning's
-harm increase over the base), the same after an attack (`{{sap:attack_harm_removed}}`, ...), and a sweep point `{{sft[learning_rate=0.0001]:harmful_score}}`. A setting other than
-the first is named before the entry: `{{long/sap:harmful_score}}`.
+harm increase over the base), the same after an attack (`{{sap:attack_harm_removed}}`, ...), the harmful score during training at a step
+(`{{sap:harm_curve@40}}`, mean over seeds), and a sweep point `{{sft[learning_rate=0.0001]:harmful_score}}`. A
+setting other than the first is named before the entry: `{{long/sap:harmful_score}}`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..evaluation.limits import describe_limit
 from ..io import write_text
-from .report import markdown, results_blocks, results_markdown
+from .report import harm_curves, markdown, results_blocks, results_markdown
 from .summary import HEADLINES, against_reference, run_figures
 
 HEADLINE = "demo"  # the record whose table README.md shows
@@ -100,6 +101,9 @@ def figures_by_name(results: dict) -> dict[str, str]:
         prefix = "" if i == 0 else f"{setting}/"
         for label, aggregate in entries.items():
             values.update(_entry_values(f"{prefix}{label}", aggregate["figures"]))
+        for label, curve in harm_curves(results, setting).items():
+            values.update({f"{prefix}{label}:harm_curve@{step}": f"{100 * mean:.1f}%"
+                           for step, mean in zip(curve["steps"], curve["mean"])})
         for label, paired in against_reference(results, setting).items():
             key = f"{prefix}{label}"
             values[f"{key}:accuracy_change"] = _signed(paired["accuracy_change"]["mean"])

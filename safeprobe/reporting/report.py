@@ -329,11 +329,16 @@ def _sweeps(results: dict, colour: dict, figures: bool = True) -> list[Block]:
     return blocks
 
 
-def _harm_curve(results: dict, setting: str, colour: dict) -> list[Block]:
-    """Harmful score against step (eval_harm_every), from the curves results.json keeps for each run."""
+def harm_curves(results: dict, setting: str) -> dict:
+    """label -> {"steps", "mean", "std"} of the harmful score during training (eval_harm_every) over the seeds,
+    from the curves results.json keeps for each run; {} when the curve was off."""
     curves = {label: [results["runs"][n].get("harm_curve", []) for n in names if n in results["runs"]]
               for label, names in results["main"][setting].items()}
-    harm = _series(curves, "eval_harmful_score")
+    return _series(curves, "eval_harmful_score")
+
+
+def _harm_curve(results: dict, setting: str, colour: dict) -> list[Block]:
+    harm = harm_curves(results, setting)
     if not harm:
         return []
     percent = {label: {"steps": s["steps"], "mean": [100 * v for v in s["mean"]],
