@@ -13,9 +13,10 @@ its results, so that the prose cannot drift from the files: `{{sap:harmful_score
 key of the results table: `harmful_score`, `sst2/accuracy`, `train_time_s`, ...), `{{sap:harmful_score:seeds}}`
 (its per-seed values), `{{base:harmful_score}}`, `{{sap:harm_change}}`, `{{sap:accuracy_change}}` (paired against
 plain fine-tuning, in points), `{{sap:harm_removed}}`, `{{sap:harm_below}}`, `{{sap:increase}}` (plain fine-tuning's
-harm increase over the base), the same after an attack (`{{sap:attack_harm_removed}}`, ...), the harmful score during training at a step
-(`{{sap:harm_curve@40}}`, mean over seeds), and a sweep point `{{sft[learning_rate=0.0001]:harmful_score}}`. A
-setting other than the first is named before the entry: `{{long/sap:harmful_score}}`.
+harm increase over the base), the same after an attack (`{{sap:attack_harm_removed}}`, ...), the harmful score
+during training at a step (`{{sap:harm_curve@40}}`, mean over seeds), and a sweep point
+`{{sft[learning_rate=0.0001]:harmful_score}}`. A setting other than the first is named before the entry:
+`{{long/sap:harmful_score}}`.
 """
 from __future__ import annotations
 
