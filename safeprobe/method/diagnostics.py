@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from ..data import REGISTRY, Example, load_examples, load_pairs, sample
 from ..data.tokenize import collator, encode_all
 from ..errors import UserError
-from ..io import append_jsonl, write_text
+from ..io import append_jsonl, read_step_log, write_text
 from ..model.layers import decoder_layers
 from .losses import response_loss
 
@@ -158,11 +158,4 @@ def attach_diagnostics(trainer, task: str, safety_data: str, every: int, out: Pa
 
 def read_diagnostics(folder: str | Path) -> list[dict]:
     """The rows of folder/diagnostics.jsonl (a torn last line is skipped)."""
-    path = Path(folder) / DIAGNOSTICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    return read_step_log(Path(folder) / DIAGNOSTICS_FILE)

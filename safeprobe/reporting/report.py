@@ -399,8 +399,6 @@ def _runs_table(results: dict) -> list[Block]:
 
 
 # -- step series -----------------------------------------------------------------------------------------------
-
-
 def _method_series(runs: dict[str, list[dict]]) -> list:
     """The step series the compared runs' methods declare in the registry, each once, in table order."""
     found = {}
