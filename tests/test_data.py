@@ -184,6 +184,21 @@ def test_a_mapping_flag_overrides_only_the_keys_it_names(tmp_path):
     assert cfg.methods == ["sap"]  # not a mapping: the flag replaces the file's value
 
 
+def test_a_mapping_flag_removes_the_keys_it_sets_to_null(tmp_path):
+    from safeprobe.cli import config as cfgmod
+    from safeprobe.cli.main import build_parser
+    from safeprobe.experiments.compare import CompareConfig
+
+    cfg_file = write(tmp_path / "c.yaml", "methods: [sft]\nbase: {model_name_or_path: tiny-random-llama, n: 16, max_steps: 2}\n"
+                                          "settings: {p0: {poison_ratio: 0.0}, p10: {poison_ratio: 0.1}, "
+                                          "p100: {poison_ratio: 1.0}}\n")
+    args = build_parser().parse_args(["compare", "--config", cfg_file, "--settings", "{p10: null, p5: null}",
+                                      "--base", "{max_steps: null, learning_rate: 1.0e-4}"])
+    cfg = cfgmod.resolve(CompareConfig, args)
+    assert cfg.settings == {"p0": {"poison_ratio": 0.0}, "p100": {"poison_ratio": 1.0}}  # p5 was never there
+    assert cfg.base == {"model_name_or_path": "tiny-random-llama", "n": 16, "learning_rate": 1.0e-4}
+
+
 def test_config_errors_name_the_file_or_the_flag(tmp_path, capsys):
     bad = write(tmp_path / "bad.yaml", "methods: [sft]\nbase: {model_name_or_path: tiny-random-llama, n: many}\n")
     for argv, message in ((["compare", "--config", bad], "bad.yaml: base: key 'n': expected an integer"),

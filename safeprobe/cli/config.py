@@ -57,7 +57,7 @@ NOT_SETTINGS = frozenset({"config", "handler", "command", "subcommand", "verbose
 
 def resolve(cls, args: argparse.Namespace):
     """Defaults < YAML (--config) < flags. A mapping flag (`--base '{lr: 1e-4}'`) overrides only the keys it
-    names in the file's mapping."""
+    names in the file's mapping, and a key it sets to null is removed (JSON Merge Patch)."""
     values = read_yaml(args.config) if getattr(args, "config", None) else {}
     if hasattr(cls, "from_values"):  # a config that routes keys itself (a method's keys beside its own)
         if values:
@@ -82,9 +82,12 @@ def resolve(cls, args: argparse.Namespace):
 
 
 def _merged_mapping(file_value: dict, flag_value):
-    """The file's mapping with the flag's keys replaced, when the flag is a YAML mapping (else the flag as is)."""
+    """The file's mapping with the flag's keys replaced and those it sets to null removed, when the flag is a YAML
+    mapping (else the flag as is): `--settings '{p10: null}'` runs the file's other settings."""
     try:
         parsed = yaml.safe_load(flag_value) if isinstance(flag_value, str) else flag_value
     except yaml.YAMLError:
         return flag_value  # its own one-line error comes later
-    return {**file_value, **parsed} if isinstance(parsed, dict) else flag_value
+    if not isinstance(parsed, dict):
+        return flag_value
+    return {k: v for k, v in {**file_value, **parsed}.items() if not (k in parsed and parsed[k] is None)}
