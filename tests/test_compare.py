@@ -80,7 +80,7 @@ def test_stats_math():
 
 
 def test_report_is_self_contained(compared):
-    _, _, out, _ = compared
+    _, config, out, _ = compared
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 5  # trade-off, frontier, task loss, layer cosines, losses
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)  # no external asset, no link out
@@ -89,6 +89,7 @@ def test_report_is_self_contained(compared):
     assert "judge: keyword" in page and "frontier lies below" in page
     assert "the loss it descends is taken with the probe on" in page
     markdown = (out / "report.md").read_text()
+    assert f"model `tiny-random-llama`, task `{config['base']['dataset_name']}`" in markdown  # the runs' own names
     for name in re.findall(r"\(figures/([^)]+)\)", markdown):
         assert (out / "figures" / name).stat().st_size > 1000
 
