@@ -90,4 +90,4 @@ def _merged_mapping(file_value: dict, flag_value):
         return flag_value  # its own one-line error comes later
     if not isinstance(parsed, dict):
         return flag_value
-    return {k: v for k, v in {**file_value, **parsed}.items() if not (k in parsed and parsed[k] is None)}
+    return {k: v for k, v in {**file_value, **parsed}.items() if k not in parsed or v is not None}

@@ -106,7 +106,8 @@ def _header(results: dict) -> list[Block]:
     cfg, evaluation = results["config"], results["eval"]
     base = cfg.get("base") or {}
     done = sum(r["status"] == "done" for r in results["runs"].values())
-    text = (f"model `{base.get('model_name_or_path', 'default')}`, task `{base.get('dataset_name', 'default')}`, seeds "
+    model, task = base.get("model_name_or_path", "default"), base.get("dataset_name", "default")
+    text = (f"model `{model}`, task `{task}`, seeds "
             f"{cfg.get('seeds')}; evaluation: suites {', '.join(evaluation['suites'])}, judges "
             f"{', '.join(evaluation['judges'])}, {describe_limit(evaluation['limit'])}, greedy, "
             f"max_new_tokens {evaluation['max_new_tokens']}. {done} of {len(results['runs'])} runs finished.")
